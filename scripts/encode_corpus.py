@@ -1,0 +1,75 @@
+"""Encode a passage collection with a trained dense encoder; resumes after a kill.
+
+    python scripts/encode_corpus.py --model-dir artifacts/dense_model/model \
+        --collection "$MSMARCO_DIR/collection.tsv" [--out-dir artifacts/dense_index]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from dense.corpus_encoding import directory_fingerprint, encode_corpus
+from hybrid.artifacts import artifacts_dir, stage_dir
+
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_SHARD_SIZE = 50_000
+
+
+class TsvPassages:
+    """``(pid, text)`` rows of a ``pid<TAB>text`` file, re-read on every pass (the encoder reads the corpus twice)."""
+
+    def __init__(self, path: Path, limit: int | None = None) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such collection file (expected pid<TAB>text lines)")
+        self.path, self.limit = path, limit
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        with open(self.path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if self.limit is not None and number > self.limit:
+                    return
+                pid, tab, text = line.rstrip("\r\n").partition("\t")
+                if not tab:
+                    raise ValueError(f"{self.path}:{number}: expected 'pid<TAB>text', found no tab")
+                yield pid, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, required=True, help="saved encoder (dense_model/model)")
+    parser.add_argument("--collection", type=Path, required=True, help="collection.tsv (pid<TAB>text)")
+    parser.add_argument("--out-dir", type=Path, help="default: <artifacts>/dense_index")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="passages per resumable shard")
+    parser.add_argument("--fp32", action="store_true", help="store float32 instead of float16")
+    parser.add_argument("--model-fingerprint", help="default: sha256 of the files in --model-dir")
+    parser.add_argument("--device", help="torch device (default: cuda when available)")
+    parser.add_argument("--limit", type=int, help="encode only the first N passages (smoke tests)")
+    parser.add_argument("--overwrite", action="store_true", help="discard an encoding made with another model/corpus")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from dense.encoder import load_encoder  # imports torch/transformers: only once the arguments are valid
+
+    encoder = load_encoder(args.model_dir, device=args.device)
+    result = encode_corpus(
+        encoder,
+        TsvPassages(args.collection, args.limit),
+        args.out_dir or stage_dir(artifacts_dir(), "dense_index"),
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        fp16=not args.fp32,
+        model_fingerprint=args.model_fingerprint or directory_fingerprint(args.model_dir),
+        encoder_config=encoder.config.to_dict(),
+        overwrite=args.overwrite,
+    )
+    print(f"{result.count} x {result.dim} {result.embeddings.dtype} embeddings in {result.directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
