@@ -1,7 +1,7 @@
 """The artifact directory: one sub-directory per pipeline stage, each with a ``manifest.json``.
 
-A stage is up to date when its manifest exists and records the same *inputs fingerprint* the pipeline
-computes now (config section + upstream manifests). Loaders call :func:`require_stage` and get an
+A stage is up to date when its ``stage.json`` exists and records the same *inputs fingerprint* the pipeline
+computes now (config section + upstream stage fingerprints). Components keep their own ``manifest.json``. Loaders call :func:`require_stage` and get an
 :class:`ArtifactError` naming the stage to (re)run when something is missing or stale.
 """
 
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # a component's own manifest (index, store, model...)
+STAGE_FILE = "stage.json"  # the pipeline's record of a finished stage: inputs fingerprint + summary
 DEFAULT_ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 # stage name -> sub-directory
@@ -97,13 +98,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_stage(root: Path, stage: str) -> dict | None:
+    path = stage_dir(root, stage) / STAGE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def require_stage(root: Path, stage: str, expect: dict[str, Any] | None = None) -> dict:
-    """Manifest of a finished stage, checked against ``expect``; ArtifactError naming the stage otherwise."""
+    """``stage.json`` of a finished stage, checked against ``expect``; ArtifactError naming the stage otherwise."""
     directory = stage_dir(root, stage)
-    manifest = read_manifest(directory)
+    manifest = read_stage(root, stage)
     if manifest is None:
         raise ArtifactError(
-            f"stage '{stage}' has not been run: no {MANIFEST} in {directory}. "
+            f"stage '{stage}' has not been run: no {STAGE_FILE} in {directory}. "
             f"Run `python scripts/run_pipeline.py --config <config> --stages {stage}` (or the whole pipeline)."
         )
     for key, want in (expect or {}).items():
