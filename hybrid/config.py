@@ -70,6 +70,9 @@ class DenseConfig:
 @dataclass(frozen=True)
 class FusionConfig:
     depth: int = 100  # candidates = union of each retriever's top-depth
+    # real train queries held out from dense training and used to fit the fusion model (a dense model scores its
+    # own training queries too well, so fusion must learn from queries it has not seen)
+    holdout_queries: int = 150
     C: float = 1.0
     max_train_queries: int = 0  # 0 = all available
     use_synthetic: bool = False  # also train the fusion model on synthetic queries

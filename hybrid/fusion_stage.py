@@ -1,0 +1,111 @@
+"""The fusion stage's artifacts: learned model, idf table, RRF and tuned convex settings, in one directory.
+
+Files in ``<artifacts>/fusion/``: ``model.json`` (:class:`fusion.model.FusionModel`), ``idf.json``
+(:class:`fusion.analysis.IdfTable`), ``settings.json`` (retrievers, depth, rrf k, fill policy, analyzer, convex
+weight) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fusion.analysis import Analyzer, IdfTable
+from fusion.baselines import convex, rrf, tune_convex_weight
+from fusion.features import FeatureBuilder, feature_names_for
+from fusion.model import FusionModel
+from fusion.normalise import FillPolicy, Ranking
+from fusion.training import train_fusion
+
+logger = logging.getLogger(__name__)
+
+RETRIEVERS = ("bm25", "dense")
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    retrievers: tuple[str, ...]
+    depth: int
+    rrf_k: int
+    std_below: float
+    analyzer: dict
+    convex_weight: float  # weight of the first retriever (bm25); dense gets 1 - w
+    convex_norm: str = "minmax"
+
+
+class FusionArtifacts:
+    """Loaded fusion artifacts; the three fused modes of :class:`hybrid.Retriever` call into this."""
+
+    def __init__(self, settings: FusionSettings, model: FusionModel, idf: IdfTable) -> None:
+        self.settings = settings
+        self.model = model
+        self.depth = settings.depth
+        analyzer = Analyzer.from_dict(settings.analyzer)
+        self.fill = FillPolicy(std_below=settings.std_below)
+        self.builder = FeatureBuilder(settings.retrievers, settings.depth, analyzer, idf, self.fill, settings.rrf_k)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FusionArtifacts:
+        directory = Path(directory)
+        raw = json.loads((directory / "settings.json").read_text())
+        raw["retrievers"] = tuple(raw["retrievers"])
+        settings = FusionSettings(**raw)
+        names = feature_names_for(settings.retrievers)
+        model = FusionModel.load(directory / "model.json", expected_features=names)
+        return cls(settings, model, IdfTable.load(directory / "idf.json"))
+
+    def rrf(self, rankings: Mapping[str, Ranking]) -> Ranking:
+        return rrf(rankings, k=self.settings.rrf_k)
+
+    def convex(self, rankings: Mapping[str, Ranking]) -> Ranking:
+        first, second = self.settings.retrievers[:2]
+        w = self.settings.convex_weight
+        return convex(rankings, {first: w, second: 1.0 - w}, self.settings.convex_norm, self.fill)
+
+    def hybrid(self, query: str, rankings: Mapping[str, Ranking], passage_text: Callable, k: int) -> Ranking:
+        """Learned fusion of the top-``depth`` candidates; beyond them (k > candidates) RRF order of the rest."""
+        fused = self.model.fuse(self.builder.build(query, rankings, passage_text))
+        if len(fused) >= k:
+            return fused[:k]
+        seen = {pid for pid, _ in fused}
+        floor = fused[-1][1] if fused else 0.0
+        tail = [pid for pid, _ in rrf(rankings, k=self.settings.rrf_k) if pid not in seen]
+        return fused + [(pid, floor - 1.0 - i) for i, pid in enumerate(tail[: k - len(fused)])]
+
+
+def train_fusion_artifacts(
+    out_dir: Path,
+    queries: Mapping[str, str],
+    rankings: Mapping[str, Mapping[str, Ranking]],
+    qrels: Mapping[str, Mapping[str, int]],
+    passage_text: Callable,
+    corpus_texts: Iterable[str],
+    corpus_size: int,
+    depth: int,
+    rrf_k: int = 60,
+    C: float = 1.0,
+) -> dict:
+    """Fit the fusion model and tune the convex baseline on training queries; write everything into ``out_dir``."""
+    start = time.time()
+    analyzer = Analyzer()
+    idf = IdfTable.build(corpus_texts, analyzer, total=corpus_size)
+    fill = FillPolicy()
+    builder = FeatureBuilder(RETRIEVERS, depth, analyzer, idf, fill, rrf_k)
+    model, stats = train_fusion(queries, rankings, qrels, builder, passage_text, C=C)
+    weight, table = tune_convex_weight(rankings, qrels, RETRIEVERS, metric="mrr@10", missing_fill=fill, depth=depth)
+    settings = FusionSettings(RETRIEVERS, depth, rrf_k, fill.std_below, analyzer.to_dict(), weight)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / "model.json")
+    idf.save(out_dir / "idf.json")
+    (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    return {
+        "training_set": stats.as_dict(),
+        "convex_weight": weight,
+        "convex_grid": table,
+        "coefficients": model.coefficients(),
+        "seconds": round(time.time() - start, 1),
+    }

@@ -1,0 +1,401 @@
+"""The end-to-end pipeline: data -> BM25 -> synthetic queries -> dense training -> corpus encoding + faiss ->
+fusion training -> evaluation, driven by one :class:`hybrid.config.PipelineConfig`.
+
+Each stage writes into its own sub-directory of the artifact directory and finishes by writing ``stage.json``
+with the fingerprint of its inputs (its config section and the fingerprints of the stages it reads). A stage whose
+``stage.json`` carries the fingerprint computed now is skipped; anything upstream that changed makes it rerun.
+Stages that take long (dense training, corpus encoding, LLM generation) resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from hybrid.artifacts import (
+    STAGE_FILE,
+    artifacts_dir,
+    file_checksum,
+    fingerprint,
+    read_stage,
+    stage_dir,
+    versions,
+    write_json_atomic,
+)
+from hybrid.config import PipelineConfig
+from hybrid.msmarco import MsMarcoDir, read_collection
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "evaluate")
+# what each stage reads (its fingerprint includes theirs)
+UPSTREAM = {
+    "data": (),
+    "bm25": ("data",),
+    "synthetic": ("data", "bm25"),
+    "dense_train": ("data", "bm25", "synthetic"),
+    "dense_index": ("data", "dense_train"),
+    "fusion": ("data", "bm25", "dense_train", "dense_index"),
+    "evaluate": ("data", "bm25", "dense_train", "dense_index", "fusion"),
+}
+
+
+class _Collection:
+    """Re-iterable ``(pid, text)`` over a collection.tsv (corpus encoding reads it twice)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self):
+        return read_collection(self.path)
+
+
+class Pipeline:
+    """Runs (or skips) the stages for one config over one artifact directory."""
+
+    def __init__(self, config: PipelineConfig, root: str | Path | None = None) -> None:
+        self.config = config
+        self.root = artifacts_dir(root or config.artifacts or None)
+        self._fingerprints: dict[str, str] = {}
+        self._bm25 = None
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+    def _section(self, stage: str) -> dict[str, Any]:
+        c = self.config
+        return {
+            "data": {"data": asdict(c.data), "dir": str(self._data_source_dir())},
+            "bm25": asdict(c.sparse),
+            "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
+            "dense_train": {"dense": asdict(c.dense), "holdout": c.fusion.holdout_queries, "seed": c.seed},
+            "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
+            "fusion": asdict(c.fusion),
+            "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
+        }[stage]
+
+    def inputs_fingerprint(self, stage: str) -> str:
+        if stage not in self._fingerprints:
+            upstream = {u: self.inputs_fingerprint(u) for u in UPSTREAM[stage]}
+            self._fingerprints[stage] = fingerprint({"stage": stage, "config": self._section(stage), **upstream})
+        return self._fingerprints[stage]
+
+    def up_to_date(self, stage: str) -> bool:
+        done = read_stage(self.root, stage)
+        return bool(done) and done.get("inputs_fingerprint") == self.inputs_fingerprint(stage)
+
+    def _finish(self, stage: str, summary: dict[str, Any], seconds: float) -> dict:
+        record = {
+            "stage": stage,
+            "inputs_fingerprint": self.inputs_fingerprint(stage),
+            "config": self.config.to_dict(),
+            "seconds": round(seconds, 1),
+            "versions": versions(),
+            **summary,
+        }
+        write_json_atomic(stage_dir(self.root, stage) / STAGE_FILE, record)
+        return record
+
+    def run(self, stages: Sequence[str] | None = None, force: Sequence[str] = ()) -> dict[str, dict]:
+        """Run the given stages (default: all) in order; returns each stage's ``stage.json``."""
+        wanted = list(stages or STAGES)
+        unknown = [s for s in [*wanted, *force] if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        done: dict[str, dict] = {}
+        bar = tqdm([s for s in STAGES if s in wanted], desc="pipeline", unit="stage")
+        for stage in bar:
+            bar.set_postfix_str(stage)
+            if stage not in force and self.up_to_date(stage):
+                logger.info("stage %s: up to date, skipped", stage)
+                done[stage] = read_stage(self.root, stage)
+                continue
+            for up in UPSTREAM[stage]:
+                if not self.up_to_date(up):
+                    raise RuntimeError(
+                        f"stage {stage} needs stage {up}, which is missing or out of date for this config; "
+                        f"run it first (--stages {up} {stage}, or the whole pipeline)"
+                    )
+            logger.info("stage %s: running", stage)
+            start = time.time()
+            summary = getattr(self, f"_run_{stage}")()
+            done[stage] = self._finish(stage, summary, time.time() - start)
+            logger.info("stage %s: done in %.1f s", stage, time.time() - start)
+        return done
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def _data_source_dir(self) -> Path:
+        c = self.config.data
+        if c.source == "download":
+            return Path(c.dir) if c.dir else self.root / "msmarco"
+        if c.source != "local":
+            raise ValueError(f"data.source must be 'local' or 'download', got {c.source!r}")
+        return self.config.data_dir()
+
+    def data_dir(self) -> MsMarcoDir:
+        """The canonical directory the stages read (the subset when one is configured)."""
+        if self.config.data.subset_distractors > 0:
+            return MsMarcoDir(self.root / "msmarco-subset")
+        return MsMarcoDir(self._data_source_dir())
+
+    def _run_data(self) -> dict:
+        c = self.config.data
+        src = MsMarcoDir(self._data_source_dir())
+        if c.source == "download":
+            from hybrid.download import download_msmarco
+
+            download_msmarco(src.root, splits=tuple(dict.fromkeys((c.train_split, *c.eval_splits))))
+        data = src
+        if c.subset_distractors > 0:
+            from hybrid.msmarco import build_subset
+
+            data = build_subset(
+                src, self.root / "msmarco-subset", splits=(c.train_split, *c.eval_splits),
+                n_distractors=c.subset_distractors, seed=self.config.seed,
+            )
+        summary = data.validate(splits=(c.train_split, *c.eval_splits))
+        from hybrid.passage_store import PassageStore
+
+        store = PassageStore.build(data.collection_path, stage_dir(self.root, "data"))
+        return {
+            "data_dir": str(data.root.resolve()),
+            "collection_checksum": file_checksum(data.collection_path),
+            "passages": len(store),
+            "splits": {s: asdict(v) for s, v in summary.splits.items()},
+        }
+
+    def passages(self):
+        from hybrid.passage_store import PassageStore
+
+        return PassageStore.open(stage_dir(self.root, "data"))
+
+    # ---- bm25 ------------------------------------------------------------------------------------------------
+    def _run_bm25(self) -> dict:
+        from sparse.index import IndexConfig, build_index
+
+        c = self.config.sparse
+        data = self.data_dir()
+        build_index(
+            read_collection(data.collection_path),
+            stage_dir(self.root, "bm25"),
+            IndexConfig(threads=c.threads, heap=c.heap),
+            manifest_extra={"collection_checksum": file_checksum(data.collection_path), "k1": c.k1, "b": c.b},
+        )
+        return {"k1": c.k1, "b": c.b}
+
+    def bm25(self):
+        if self._bm25 is None:
+            from sparse.bm25 import BM25Searcher
+
+            c = self.config.sparse
+            self._bm25 = BM25Searcher(stage_dir(self.root, "bm25"), k1=c.k1, b=c.b, threads=c.threads)
+        return self._bm25
+
+    # ---- synthetic queries -----------------------------------------------------------------------------------
+    def _run_synthetic(self) -> dict:
+        c = self.config.synthetic
+        out = stage_dir(self.root, "synthetic")
+        data = self.data_dir()
+        files: list[str] = []
+        if c.precomputed:
+            src = Path(c.precomputed)
+            if not src.exists():
+                raise FileNotFoundError(f"synthetic.precomputed={src} does not exist")
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out / "precomputed.jsonl")
+            files.append("precomputed.jsonl")
+        for method in c.methods:
+            files.append(f"{method}/train.jsonl")
+            self._generate(method, out / method, data)
+        return {"files": files}
+
+    def _generate(self, method: str, out: Path, data: MsMarcoDir) -> None:
+        from dense.querygen.crop import CropConfig
+        from dense.querygen.filters import SanityFilterConfig
+        from dense.querygen.pipeline import StageInputs, run_crop, run_llm, select_passages
+
+        c = self.config.synthetic
+        forbid = tuple(data.queries_path(s) for s in self.config.data.eval_splits if data.queries_path(s).exists())
+        inputs = StageInputs(
+            data.collection_path, data.queries_path(self.config.data.train_split),
+            data.qrels_path(self.config.data.train_split), forbid,
+        )
+        passages = select_passages(data.collection_path, c.max_passages or None, c.seed)
+        search = self.bm25().batch_search if c.filter_k > 0 else None
+        extra = {"max_passages": c.max_passages, "sample_seed": c.seed}
+        if method == "crop":
+            run_crop(out, inputs, passages, CropConfig(seed=c.seed, num_queries_per_passage=c.queries_per_passage),
+                     SanityFilterConfig(), search, c.filter_k or 1, extra)
+        elif method == "llm":
+            from dense.querygen.generator import GenerationConfig, smollm2_gguf
+            from dense.querygen.prompt import PromptConfig
+
+            model, gguf = (c.llm_model, None) if c.llm_model else smollm2_gguf()
+            generation = GenerationConfig(
+                temperature=c.llm_temperature, max_new_tokens=c.llm_max_new_tokens,
+                num_queries_per_passage=c.queries_per_passage, batch_size=c.llm_batch_size, seed=c.seed,
+            )
+            run_llm(out, inputs, passages, model, gguf, generation, PromptConfig(seed=c.seed), SanityFilterConfig(),
+                    search, c.filter_k or 1, extra)
+        else:
+            raise ValueError(f"unknown synthetic method {method!r}; use 'crop' or 'llm'")
+
+    # ---- dense training --------------------------------------------------------------------------------------
+    def real_train_split(self) -> tuple[dict[str, str], dict[str, dict[str, int]], list[str], list[str]]:
+        """Train queries whose positive is in the corpus, split into (dense training qids, fusion holdout qids)."""
+        data = self.data_dir()
+        split = self.config.data.train_split
+        queries = data.queries(split)
+        qrels = data.qrels(split, queries)
+        store = self.passages()
+        usable = sorted(
+            q for q, judged in qrels.items()
+            if q in queries and any(g > 0 and pid in store for pid, g in judged.items())
+        )
+        rng = random.Random(self.config.seed)
+        rng.shuffle(usable)
+        holdout = min(self.config.fusion.holdout_queries, len(usable))
+        fusion_qids, dense_qids = sorted(usable[:holdout]), sorted(usable[holdout:])
+        cap = self.config.dense.max_real_train_queries
+        if cap:
+            dense_qids = dense_qids[:cap]
+        return queries, qrels, dense_qids, fusion_qids
+
+    def _training_records(self):
+        from dense.training_data import mine_hard_negatives, read_msmarco_train_records, read_records
+
+        c = self.config.dense
+        queries, qrels, dense_qids, _ = self.real_train_split()
+        store = self.passages()
+        real = read_msmarco_train_records({q: queries[q] for q in dense_qids}, qrels, store)
+        synthetic = []
+        synth_dir = stage_dir(self.root, "synthetic")
+        for name in read_stage(self.root, "synthetic").get("files", []):
+            synthetic.extend(read_records(synth_dir / name))
+        records = real + synthetic
+        known = {r.qid: set(r.positives) for r in records}
+        for q in dense_qids:
+            known.setdefault(q, set()).update(p for p, g in qrels[q].items() if g > 0)
+        if c.hard_negatives > 0:
+            records = mine_hard_negatives(
+                records, self.bm25().batch_search, depth=c.hard_negatives_depth, n_negatives=c.hard_negatives,
+                known_positives=known,
+            )
+        return records, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
+
+    def _base_model(self) -> str:
+        c = self.config.dense
+        if c.base_model != "smollm2":
+            return c.base_model
+        from dense.pretrained import convert_gguf_to_hf
+
+        out = self.root / "base_models" / f"smollm2-135m-{c.base_layers or 'all'}L"
+        if not (out / "config.json").exists():
+            convert_gguf_to_hf(out, num_layers=c.base_layers or None)
+        return str(out)
+
+    def _run_dense_train(self) -> dict:
+        from dense.config import EncoderConfig, TrainConfig
+        from dense.training import train
+
+        c = self.config.dense
+        encoder_config = EncoderConfig.from_dict({"model_name_or_path": self._base_model(), **c.encoder})
+        train_config = TrainConfig.from_dict({"seed": self.config.seed, **c.train})
+        records, counts = self._training_records()
+        out = stage_dir(self.root, "dense_train")
+        # a finished model from other inputs must not be mistaken for this one; checkpoints of the same inputs resume
+        previous = read_stage(self.root, "dense_train")
+        if previous is not None and (out / "model").exists():
+            shutil.rmtree(out / "model")
+        model_dir = train(encoder_config, train_config, records, self.passages().get, out,
+                          resume=(out / "checkpoints").exists())
+        from dense.corpus_encoding import directory_fingerprint
+
+        return {"model_fingerprint": directory_fingerprint(model_dir), "records": len(records), **counts}
+
+    def encoder(self):
+        from dense.encoder import load_encoder
+
+        return load_encoder(stage_dir(self.root, "dense_train") / "model")
+
+    # ---- corpus encoding + faiss -----------------------------------------------------------------------------
+    def _run_dense_index(self) -> dict:
+        from dense.corpus_encoding import encode_corpus
+        from dense.faiss_index import IndexConfig, index_corpus
+
+        c = self.config.dense
+        model_fp = read_stage(self.root, "dense_train")["model_fingerprint"]
+        out = stage_dir(self.root, "dense_index")
+        data = self.data_dir()
+        encoder = self.encoder()
+        corpus = encode_corpus(
+            encoder, _Collection(data.collection_path), out / "embeddings",
+            batch_size=c.encode_batch_size, shard_size=c.encode_shard_size, model_fingerprint=model_fp,
+            overwrite=True,
+        )
+        index_dir = index_corpus(out / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
+                                 index_dir=out / "faiss", force=True)
+        return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim, "index_dir": str(index_dir)}
+
+    def dense_searcher(self):
+        from dense.searcher import DenseSearcher
+
+        return DenseSearcher.from_dir(stage_dir(self.root, "dense_index") / "faiss", self.encoder())
+
+    # ---- fusion ----------------------------------------------------------------------------------------------
+    def _run_fusion(self) -> dict:
+        from hybrid.fusion_stage import train_fusion_artifacts
+
+        c = self.config.fusion
+        queries, qrels, _, fusion_qids = self.real_train_split()
+        if c.max_train_queries:
+            fusion_qids = fusion_qids[: c.max_train_queries]
+        if not fusion_qids:
+            raise RuntimeError("no held-out train queries for fusion training: set fusion.holdout_queries > 0")
+        texts = [queries[q] for q in fusion_qids]
+        bm25 = self.bm25().batch_search(texts, c.depth)
+        dense = self.dense_searcher().batch_search(texts, c.depth)
+        rankings = {q: {"bm25": b, "dense": d} for q, b, d in zip(fusion_qids, bm25, dense)}
+        store = self.passages()
+        summary = train_fusion_artifacts(
+            stage_dir(self.root, "fusion"), {q: queries[q] for q in fusion_qids}, rankings,
+            {q: qrels[q] for q in fusion_qids}, store.get_many, (t for _, t in read_collection(self.data_dir().collection_path)),
+            len(store), depth=c.depth, rrf_k=c.rrf_k, C=c.C,
+        )
+        return {"train_queries": len(fusion_qids), **summary}
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def _run_evaluate(self) -> dict:
+        from hybrid.report import evaluate_modes
+        from hybrid.retriever import Retriever
+
+        c = self.config.eval
+        data = self.data_dir()
+        out = stage_dir(self.root, "evaluate")
+        tables = {}
+        for split in self.config.data.eval_splits:
+            queries = data.queries(split)
+            qrels = data.qrels(split, queries)
+            report = evaluate_modes(
+                lambda mode: Retriever(mode=mode, artifacts_dir=self.root), c.modes, queries, qrels,
+                out_dir=out, split=split, k=c.k, rel_level=self.config.data.rel_levels.get(split, 1),
+                latency_queries=c.latency_queries, chart=True,
+            )
+            tables[split] = report.table
+            print(f"\n### {split} ({len(qrels)} judged queries)\n\n{report.table}")
+        return {"tables": tables}
+
+
+def run_pipeline(config: PipelineConfig, stages: Sequence[str] | None = None, force: Sequence[str] = (),
+                 root: str | Path | None = None) -> dict[str, dict]:
+    """Run the pipeline; see :class:`Pipeline`."""
+    return Pipeline(config, root).run(stages, force)
+
+
