@@ -1,0 +1,488 @@
+"""Train a dense bi-encoder with InfoNCE over in-batch and hard negatives, resumable after a kill.
+
+Every batch is a pure function of ``(seed, step)``: the epoch's query order and each query's positive and
+hard negatives are drawn from generators seeded by ``(seed, epoch[, record])``. Resuming therefore needs only
+the step number besides model, optimizer, scheduler and RNG states, and a resumed run equals an uninterrupted one.
+
+Large batches use GradCache (Gao et al., 2021): embeddings are first computed in chunks without a graph, the loss
+and its gradient with respect to the embeddings are computed over the whole batch, then every chunk is encoded
+again with a graph and back-propagated with its slice of those gradients. Loss and gradients equal those of one
+full-batch forward (dropout masks are replayed by restoring the RNG state per chunk), at the memory of one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from dense.atomic import atomic_directory, sha256_file
+from dense.config import OPERATIONAL_TRAIN_FIELDS, EncoderConfig, TrainConfig
+from dense.encoder import build_encoder, load_encoder
+from dense.encoder_base import MANIFEST_FILE, DenseEncoder, resolve_device
+from dense.training_data import TrainingRecord, source_counts
+
+logger = logging.getLogger(__name__)
+
+PassageText = Callable[[str], str] | Mapping[str, str]
+Validate = Callable[[DenseEncoder], Mapping[str, float]]
+STATE_FILE = "trainer_state.pt"
+VALIDATION_LOG = "validation.jsonl"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingStateError(RuntimeError):
+    """A checkpoint or finished model does not match the run asked for."""
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+def _passage_lookup(passage_text: PassageText) -> Callable[[str], str]:
+    if isinstance(passage_text, Mapping):
+        texts = passage_text
+
+        def lookup(pid: str) -> str:
+            try:
+                return texts[pid]
+            except KeyError:
+                raise KeyError(f"passage {pid!r} named by a training record is not in the collection") from None
+
+        return lookup
+    return passage_text
+
+
+def records_fingerprint(records: Sequence[TrainingRecord]) -> str:
+    """sha256 over the records' content and order: a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def check_passages_exist(records: Sequence[TrainingRecord], passages: Mapping[str, str]) -> None:
+    """Fail before training when records name passages the collection lacks."""
+    missing = [(r.qid, pid) for r in records for pid in (*r.positives, *r.negatives) if pid not in passages]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} passage references are not in the collection, e.g. (qid, pid) {missing[:5]}; "
+            "the records were made for another collection, or the collection file is incomplete"
+        )
+
+
+class TrainingBatches(Dataset):
+    """Step number -> tokenized batch, deterministic in ``(seed, step)``.
+
+    Passages are laid out ``[pos, neg_1..neg_H]`` per query. ``exclude[i, j]`` is True where passage ``j`` is a
+    known positive of query ``i`` other than its own target, so it is never pushed away as a negative.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[TrainingRecord],
+        passage_text: Callable[[str], str],
+        encoder: DenseEncoder,
+        config: TrainConfig,
+    ) -> None:
+        self.records = records
+        self.passage_text = passage_text
+        self.tokenize_queries = encoder.tokenize_queries
+        self.tokenize_passages = encoder.tokenize_passages
+        self.config = config
+        self.steps_per_epoch = len(records) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(records)} training records are fewer than one batch of {config.batch_size}")
+        # Fallback negatives for records without their own: any passage named by some record.
+        self.random_pool = sorted({pid for r in records for pid in (*r.positives, *r.negatives)})
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.records))
+            self._order_epoch = epoch
+        return self._order
+
+    def _sample(self, record: TrainingRecord, rng: np.random.Generator) -> list[str]:
+        positive = record.positives[rng.integers(len(record.positives))]
+        n = self.config.hard_negatives
+        if n == 0:
+            return [positive]
+        pool = list(record.negatives)
+        if not pool:
+            positives = set(record.positives)
+            pool = [p for p in (self.random_pool[i] for i in rng.integers(len(self.random_pool), size=4 * n))
+                    if p not in positives] or [positive]
+        if len(pool) >= n:
+            negatives = [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+        else:
+            negatives = [pool[i] for i in rng.integers(len(pool), size=n)]
+        return [positive, *negatives]
+
+    def __len__(self) -> int:
+        return sys.maxsize  # indexed by global step; the sampler bounds it
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        size = self.config.batch_size
+        chosen = self.epoch_order(epoch)[index * size : (index + 1) * size]
+        queries, pids = [], []
+        for r in chosen:
+            record = self.records[int(r)]
+            queries.append(record.query)
+            pids.extend(self._sample(record, np.random.default_rng([self.config.seed, epoch, int(r)])))
+        per_query = len(pids) // len(queries)
+        columns: dict[str, list[int]] = {}
+        for j, pid in enumerate(pids):
+            columns.setdefault(pid, []).append(j)
+        exclude = torch.zeros(len(queries), len(pids), dtype=torch.bool)
+        for i, r in enumerate(chosen):
+            for pid in self.records[int(r)].positives:
+                for j in columns.get(pid, ()):
+                    exclude[i, j] = j != i * per_query
+        chunk = self.config.grad_cache_chunk or max(len(queries), len(pids))
+        texts = [self.passage_text(pid) for pid in pids]
+        return {
+            "queries": [self.tokenize_queries(queries[s : s + chunk]) for s in range(0, len(queries), chunk)],
+            "passages": [self.tokenize_passages(texts[s : s + chunk]) for s in range(0, len(texts), chunk)],
+            "exclude": exclude,
+        }
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+# --- one optimisation step -----------------------------------------------------------------------------------
+class _RngSnapshot:
+    """The CPU (and current CUDA device) RNG state, to replay dropout masks in GradCache's second forward."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            yield
+
+
+def full_batch_loss(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> float:
+    """One forward over the whole batch and backward; returns the loss."""
+    with encoder.autocast(bf16):
+        q = torch.cat([encoder.encode_query(encoder.to_device(c)) for c in batch["queries"]])
+        p = torch.cat([encoder.encode_passage(encoder.to_device(c)) for c in batch["passages"]])
+    loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(q.device))
+    loss.backward()
+    return float(loss.detach())
+
+
+def grad_cache_loss(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> float:
+    """GradCache: the full-batch loss and gradients, computed one chunk of texts at a time."""
+    device = encoder.device
+    encoders = [(encoder.encode_query, batch["queries"]), (encoder.encode_passage, batch["passages"])]
+    reps: list[torch.Tensor] = []
+    snapshots: list[list[_RngSnapshot]] = []
+    with torch.no_grad():
+        for encode, chunks in encoders:
+            snaps, parts = [], []
+            for chunk in chunks:
+                snaps.append(_RngSnapshot(device))
+                with encoder.autocast(bf16):
+                    parts.append(encode(encoder.to_device(chunk)))
+            snapshots.append(snaps)
+            reps.append(torch.cat(parts).detach().requires_grad_())
+    q, p = reps
+    loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(device))
+    loss.backward()
+    for (encode, chunks), snaps, rep in zip(encoders, snapshots, reps, strict=True):
+        offset = 0
+        for chunk, snap in zip(chunks, snaps, strict=True):
+            with snap.replay(), encoder.autocast(bf16):
+                out = encode(encoder.to_device(chunk))
+            out.backward(rep.grad[offset : offset + out.shape[0]])
+            offset += out.shape[0]
+    return float(loss.detach())
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, dir)`` under ``root``, oldest first (partial ones never get a final name)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir()]
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    encoder: DenseEncoder,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: Mapping[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``root/step-N`` atomically (model + optimizer + scheduler + RNG + step) and keep the last ``keep``."""
+    target = root / f"step-{step:08d}"
+    with atomic_directory(target) as tmp:
+        encoder.save(tmp / "model")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            **extra,
+        }
+        torch.save(state, tmp / STATE_FILE)
+    for _, old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    logger.info("checkpoint: step %d -> %s", step, target)
+    return target
+
+
+def _comparable(train_config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in train_config.to_dict().items() if k not in OPERATIONAL_TRAIN_FIELDS}
+
+
+def _check_same_run(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Path) -> None:
+    for key in ("encoder_config", "train_config", "records_sha256"):
+        if saved.get(key) != expected[key]:
+            raise TrainingStateError(
+                f"{where} was written by a different run ({key} differs: saved {saved.get(key)!r}, "
+                f"now {expected[key]!r}); use a fresh output directory, or delete {where.parent} to start over"
+            )
+
+
+# --- training ------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(encoder: DenseEncoder, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases, norms and per-token weights (1-d parameters) get no weight decay."""
+    decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def total_steps(n_records: int, config: TrainConfig) -> int:
+    steps_per_epoch = n_records // config.batch_size
+    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _read_validation_log(path: Path, last_step: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            if entry["step"] <= last_step:
+                by_step[entry["step"]] = entry
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _run_validation(validate: Validate, encoder: DenseEncoder, step: int, log_path: Path) -> dict[str, float]:
+    # fork_rng: validation must not shift the RNG stream of training (exact resumption).
+    with torch.random.fork_rng(devices=[encoder.device] if encoder.device.type == "cuda" else []):
+        start = time.perf_counter()
+        metrics = {k: float(v) for k, v in validate(encoder).items()}
+    encoder.train()
+    seconds = time.perf_counter() - start
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "seconds": round(seconds, 2), **metrics}) + "\n")
+    logger.info("validation at step %d (%.1f s): %s", step, seconds,
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def train(
+    encoder_config: EncoderConfig,
+    train_config: TrainConfig,
+    records: Sequence[TrainingRecord],
+    passage_text: PassageText,
+    out_dir: str | Path,
+    validate: Validate | None = None,
+    resume: bool = False,
+    data_files: Sequence[str | Path] = (),
+    device: str | torch.device | None = None,
+) -> Path:
+    """Train and save the encoder to ``out_dir/model`` (with a manifest); return that directory.
+
+    ``passage_text`` maps pid to text (a dict or a function). ``validate(encoder) -> {metric: value}`` runs every
+    ``eval_every`` steps and at the end (dev data only evaluates, never trains). Checkpoints go to
+    ``out_dir/checkpoints/step-N``; with ``resume`` the latest one is continued exactly, without it an existing
+    checkpoint is an error. ``data_files`` are recorded (path, sha256) in the manifest.
+    """
+    out_dir = Path(out_dir)
+    model_dir, ckpt_root = out_dir / "model", out_dir / "checkpoints"
+    total = total_steps(len(records), train_config)
+    identity = {
+        "encoder_config": encoder_config.to_dict(),
+        "train_config": _comparable(train_config),
+        "records_sha256": records_fingerprint(records),
+    }
+    manifest_path = model_dir / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        _check_same_run(manifest, identity, manifest_path)
+        logger.info("dense training: %s is up to date (%d steps); nothing to do", model_dir, manifest["steps"])
+        return model_dir
+
+    for stale in ckpt_root.glob("step-*.tmp-*") if ckpt_root.is_dir() else ():
+        shutil.rmtree(stale)  # half-written checkpoint of a killed run
+    checkpoints = list_checkpoints(ckpt_root)
+    if checkpoints and not resume:
+        raise TrainingStateError(
+            f"{ckpt_root} already holds checkpoints (latest step {checkpoints[-1][0]}); pass resume=True "
+            "(--resume) to continue that run, or use a fresh output directory"
+        )
+    if isinstance(passage_text, Mapping):
+        check_passages_exist(records, passage_text)
+    lookup = _passage_lookup(passage_text)
+    device = resolve_device(device)
+
+    seed_everything(train_config.seed)
+    start_step, elapsed, state = 0, 0.0, None
+    if checkpoints:
+        start_step, ckpt = checkpoints[-1]
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        _check_same_run(state, identity, ckpt / STATE_FILE)
+        encoder = load_encoder(ckpt / "model", device=device)
+        elapsed = state["seconds"]
+        logger.info("resuming from %s (step %d of %d)", ckpt, start_step, total)
+    else:
+        encoder = build_encoder(encoder_config, device=device)
+    if train_config.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
+    encoder.train()
+
+    optimizer = make_optimizer(encoder, train_config)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(train_config.warmup_ratio * total), total)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+
+    dataset = TrainingBatches(records, lookup, encoder, train_config)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start_step, total),
+        num_workers=train_config.num_workers,
+        collate_fn=_identity,
+        # Own generator: creating the iterator must not draw from the global RNG, or resumption would drift.
+        generator=torch.Generator().manual_seed(train_config.seed),
+    )
+    step_fn = grad_cache_loss if train_config.grad_cache_chunk else full_batch_loss
+    logger.info(
+        "dense training: %d records (%s), %d steps (%d per epoch), batch %d x (1 + %d negatives), %s, device %s",
+        len(records), source_counts(records), total, dataset.steps_per_epoch, train_config.batch_size,
+        train_config.hard_negatives,
+        f"GradCache chunks of {train_config.grad_cache_chunk}" if train_config.grad_cache_chunk else "full batch",
+        device,
+    )
+
+    validation_log = out_dir / VALIDATION_LOG
+    out_dir.mkdir(parents=True, exist_ok=True)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    run_start, last_loss, step = time.perf_counter(), float("nan"), start_step
+    progress = tqdm(total=total, initial=start_step, desc="train dense", unit="step")
+    for step, batch in zip(range(start_step + 1, total + 1), loader, strict=True):
+        last_loss = step_fn(encoder, batch, train_config.bf16)
+        if train_config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), train_config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window_loss, window_steps = window_loss + last_loss, window_steps + 1
+        lr = scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+        if step % train_config.log_every == 0 or step == total:
+            seconds = time.perf_counter() - window_start
+            logger.info("step %d/%d loss %.4f lr %.3e %.1f queries/s", step, total, window_loss / window_steps, lr,
+                        window_steps * train_config.batch_size / max(seconds, 1e-9))
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if step % train_config.checkpoint_every == 0 and step < total:
+            extra = {**identity, "seconds": elapsed + time.perf_counter() - run_start}
+            save_checkpoint(ckpt_root, step, encoder, optimizer, scheduler, extra, train_config.keep_checkpoints)
+        if validate is not None and train_config.eval_every and step % train_config.eval_every == 0 and step < total:
+            _run_validation(validate, encoder, step, validation_log)
+    progress.close()
+
+    if validate is not None:
+        _run_validation(validate, encoder, total, validation_log)
+    seconds = elapsed + time.perf_counter() - run_start
+    trained_now = total - start_step
+    logger.info("dense training done: %d steps in %.1f s (this run: %d steps, %.1f queries/s)", total, seconds,
+                trained_now, trained_now * train_config.batch_size / max(time.perf_counter() - run_start, 1e-9))
+    manifest = {
+        "stage": "dense_model",
+        **identity,
+        "train_config_full": train_config.to_dict(),
+        "data": {
+            "records": len(records),
+            "sources": source_counts(records),
+            "files": [{"path": str(f), "sha256": sha256_file(Path(f))} for f in data_files],
+        },
+        "steps": total,
+        "steps_per_epoch": dataset.steps_per_epoch,
+        "seconds": round(seconds, 1),
+        "final_loss": last_loss,
+        "validation": _read_validation_log(validation_log, total),
+        "device": str(device),
+        "versions": _versions(),
+    }
+    encoder.save(model_dir, manifest=manifest)
+    logger.info("dense training: final model in %s", model_dir)
+    return model_dir
