@@ -1,0 +1,196 @@
+"""End to end: the pipeline on a small slice of the real 43k pool with a tiny dense model, then ``Retriever``."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from dense_fixtures import train_wordpiece_tokenizer
+from transformers import BertConfig, BertModel
+
+from hybrid.artifacts import ArtifactError, read_stage, write_json_atomic
+from hybrid.config import load_config
+from hybrid.msmarco import MsMarcoDir, read_collection
+from hybrid.pipeline import Pipeline
+
+pytestmark = pytest.mark.integration
+
+N_DEV, N_DL19, N_TRAIN, N_DISTRACTORS = 25, 6, 120, 1500
+
+
+def _write_slice(src: MsMarcoDir, out: Path) -> Path:
+    """Dev/DL19/train queries (the train ones with a positive in the pool), their judged passages, distractors."""
+    rng = random.Random(0)
+    pool = dict(read_collection(src.collection_path))
+    keep: set[str] = set()
+    out.mkdir(parents=True)
+    for split, n in (("dev", N_DEV), ("dl19", N_DL19), ("train", N_TRAIN)):
+        queries, qrels = src.queries(split), src.qrels(split)
+        qids = sorted(q for q, judged in qrels.items() if any(g > 0 and p in pool for p, g in judged.items()))[:n]
+        with open(out / f"queries.{split}.tsv", "w", encoding="utf-8") as f:
+            f.writelines(f"{q}\t{queries[q]}\n" for q in qids)
+        with open(out / f"qrels.{split}.txt", "w") as f:
+            for q in qids:
+                for p, g in qrels[q].items():
+                    if p in pool:
+                        f.write(f"{q} 0 {p} {g}\n")
+                        keep.add(p)
+    keep |= set(rng.sample(sorted(pool), N_DISTRACTORS))
+    with open(out / "collection.tsv", "w", encoding="utf-8") as f:
+        f.writelines(f"{p}\t{pool[p]}\n" for p in pool if p in keep)
+    return out
+
+
+def _tiny_bert(texts: list[str], out: Path) -> Path:
+    tokenizer = train_wordpiece_tokenizer(texts)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    data = Path(os.environ.get("MSMARCO_DIR", ""))
+    if not (data / "collection.tsv").exists():
+        pytest.skip("MSMARCO_DIR is not set to the marco43k pool")
+    root = tmp_path_factory.mktemp("e2e")
+    slice_dir = _write_slice(MsMarcoDir(data), root / "slice")
+    texts = [t for _, t in read_collection(slice_dir / "collection.tsv")]
+    model = _tiny_bert(texts[:2000], root / "tiny-bert")
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml",
+        [
+            f'data.dir="{slice_dir}"',
+            "sparse.heap=\"1g\"",
+            "synthetic.max_passages=200",
+            f'dense.base_model="{model}"',
+            "dense.base_layers=0",
+            "dense.hard_negatives_depth=10",
+            "dense.encode_batch_size=128",
+            "dense.encode_shard_size=500",
+            "dense.encoder.query_max_len=16",
+            "dense.encoder.passage_max_len=32",
+            "dense.train.max_steps=6",
+            "dense.train.batch_size=8",
+            "dense.train.checkpoint_every=3",
+            "fusion.holdout_queries=40",
+            "fusion.depth=20",
+            "eval.k=50",
+            "eval.latency_queries=5",
+        ],
+    )
+    pipeline = Pipeline(config, root / "artifacts")
+    done = pipeline.run()
+    return pipeline, done, slice_dir
+
+
+def test_every_stage_ran_and_recorded_its_inputs(built):
+    pipeline, done, _ = built
+    assert list(done) == ["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "evaluate"]
+    for stage, record in done.items():
+        assert record["inputs_fingerprint"] == pipeline.inputs_fingerprint(stage)
+    assert done["fusion"]["train_queries"] == 40
+    assert done["dense_train"]["real_queries"] == N_TRAIN - 40
+    assert set(done["evaluate"]["tables"]) == {"dev", "dl19"}
+    assert (pipeline.root / "eval" / "ablation.dev.md").exists()
+
+
+def test_rerun_skips_up_to_date_stages(built):
+    pipeline, done, _ = built
+    again = Pipeline(pipeline.config, pipeline.root).run(["data", "bm25", "fusion"])
+    assert {s: r["seconds"] for s, r in again.items()} == {s: done[s]["seconds"] for s in again}
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "rrf", "convex", "hybrid"])
+def test_retriever_results_carry_the_right_passage_text(built, mode):
+    from hybrid import Result, Retriever
+
+    pipeline, _, slice_dir = built
+    texts = dict(read_collection(slice_dir / "collection.tsv"))
+    retriever = Retriever(mode=mode, artifacts_dir=pipeline.root)
+    results = retriever.search("what is the manhattan project", 5)
+    assert 1 <= len(results) <= 5
+    assert all(isinstance(r, Result) for r in results)
+    for r in results:
+        assert r.document_text == texts[r.document_id]
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    # k larger than the corpus returns what exists
+    assert len(retriever.search("manhattan", 10_000)) <= len(texts)
+
+
+def test_hybrid_search_is_thread_safe(built):
+    from hybrid import Retriever
+
+    pipeline, _, slice_dir = built
+    retriever = Retriever(artifacts_dir=pipeline.root)
+    queries = list(MsMarcoDir(slice_dir).queries("dev").values())[:16]
+    sequential = [retriever.search(q, 10) for q in queries]
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        results[i] = retriever.search(queries[i], 10)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(queries))]
+    for t in threads[:8]:
+        t.start()
+    for t in threads[:8]:
+        t.join()
+    for t in threads[8:]:
+        t.start()
+    for t in threads[8:]:
+        t.join()
+    assert [results[i] for i in range(len(queries))] == sequential
+
+
+@pytest.mark.parametrize(
+    "query", ["x" * 100_000, "\x00\x07 control chars", "emoji 😀☕ coffee", 'a AND "b" : * ( c', "   padded   "]
+)
+def test_odd_queries_are_searched_as_plain_text(built, query):
+    from hybrid import Retriever
+
+    retriever = Retriever(artifacts_dir=built[0].root)
+    assert isinstance(retriever.search(query, 3), list)
+
+
+def test_bad_input_errors(built):
+    from hybrid import Retriever
+
+    retriever = Retriever(mode="sparse", artifacts_dir=built[0].root)
+    with pytest.raises(TypeError):
+        retriever.search(b"bytes", 3)
+    with pytest.raises(TypeError):
+        retriever.search(None, 3)
+    for bad in ("", "   \n\t"):
+        with pytest.raises(ValueError, match="empty"):
+            retriever.search(bad, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        retriever.search("dog", 0)
+    with pytest.raises(ValueError, match="unknown mode"):
+        Retriever(mode="magic", artifacts_dir=built[0].root)
+
+
+def test_missing_or_mismatched_artifacts_name_the_stage(built, tmp_path):
+    from hybrid import Retriever
+
+    with pytest.raises(ArtifactError, match="pipeline"):
+        Retriever(artifacts_dir=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="'data'"):
+        Retriever(artifacts_dir=tmp_path / "empty")
+    # a dense index built from another model is refused
+    pipeline = built[0]
+    stage = pipeline.root / "dense_index" / "stage.json"
+    original = read_stage(pipeline.root, "dense_index")
+    try:
+        write_json_atomic(stage, {**original, "model_fingerprint": "another-model"})
+        with pytest.raises(ArtifactError, match="dense_index"):
+            Retriever(mode="dense", artifacts_dir=pipeline.root)
+    finally:
+        write_json_atomic(stage, original)
