@@ -17,6 +17,7 @@ Downloading the official files lives in :mod:`hybrid.download`, text lookup by p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -164,6 +165,18 @@ def _iter_collection(path: Path, seen: set[int | str] | None) -> Iterator[tuple[
                     raise DataFormatError(path, lineno, f"duplicate passage id {pid!r} (already on an earlier line)")
                 seen.add(key)
             yield pid, text
+
+
+class Collection:
+    """Re-iterable ``(pid, text)`` view of a collection.tsv (each iteration re-reads the file; ``limit`` caps it)."""
+
+    def __init__(self, path: str | os.PathLike, limit: int | None = None) -> None:
+        self.path = require_file(path, "passage collection")
+        self.limit = limit
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        rows = read_collection(self.path)
+        return rows if self.limit is None else itertools.islice(rows, self.limit)
 
 
 def read_queries(path: str | os.PathLike) -> dict[str, str]:

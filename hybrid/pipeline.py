@@ -31,7 +31,7 @@ from hybrid.artifacts import (
     write_json_atomic,
 )
 from hybrid.config import PipelineConfig
-from hybrid.msmarco import MsMarcoDir, read_collection
+from hybrid.msmarco import Collection, MsMarcoDir, read_collection
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ UPSTREAM = {
     "fusion": ("data", "bm25", "dense_train", "dense_index"),
     "evaluate": ("data", "bm25", "dense_train", "dense_index", "fusion"),
 }
-
-
-class _Collection:
-    """Re-iterable ``(pid, text)`` over a collection.tsv (corpus encoding reads it twice)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self):
-        return read_collection(self.path)
 
 
 class Pipeline:
@@ -274,7 +264,9 @@ class Pipeline:
         c = self.config.dense
         queries, qrels, dense_qids, _ = self.real_train_split()
         store = self.passages()
-        real = read_msmarco_train_records({q: queries[q] for q in dense_qids}, qrels, store)
+        real = read_msmarco_train_records(
+            {q: queries[q] for q in dense_qids}, {q: qrels[q] for q in dense_qids}, store
+        )
         synthetic = []
         synth_dir = stage_dir(self.root, "synthetic")
         for name in read_stage(self.root, "synthetic").get("files", []):
@@ -336,7 +328,7 @@ class Pipeline:
         data = self.data_dir()
         encoder = self.encoder()
         corpus = encode_corpus(
-            encoder, _Collection(data.collection_path), out / "embeddings",
+            encoder, Collection(data.collection_path), out / "embeddings",
             batch_size=c.encode_batch_size, shard_size=c.encode_shard_size, model_fingerprint=model_fp,
             overwrite=True,
         )
@@ -390,7 +382,19 @@ class Pipeline:
             )
             tables[split] = report.table
             print(f"\n### {split} ({len(qrels)} judged queries)\n\n{report.table}")
-        return {"tables": tables}
+        coefficients = coefficient_table(read_stage(self.root, "fusion")["coefficients"])
+        (out / "fusion_coefficients.md").write_text(coefficients + "\n")
+        print(f"\n### fusion model coefficients (standardised features)\n\n{coefficients}")
+        return {"tables": tables, "fusion_coefficients": coefficients}
+
+
+def coefficient_table(coefficients: dict[str, float]) -> str:
+    """Markdown table of the fusion model's standardised coefficients, largest magnitude first."""
+    from hybrid.evaluation import markdown_table
+
+    rows = [{"feature": name, "coefficient": value}
+            for name, value in sorted(coefficients.items(), key=lambda kv: -abs(kv[1]))]
+    return markdown_table(rows, ["feature", "coefficient"])
 
 
 def run_pipeline(config: PipelineConfig, stages: Sequence[str] | None = None, force: Sequence[str] = (),

@@ -1,7 +1,7 @@
 """Encode a passage collection with a trained dense encoder; resumes after a kill.
 
     python scripts/encode_corpus.py --model-dir artifacts/dense_model/model \
-        --collection "$MSMARCO_DIR/collection.tsv" [--out-dir artifacts/dense_index]
+        --collection "$MSMARCO_DIR/collection.tsv" [--out-dir artifacts/dense_index/embeddings]
 """
 
 from __future__ import annotations
@@ -9,40 +9,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from dense.corpus_encoding import directory_fingerprint, encode_corpus
 from hybrid.artifacts import artifacts_dir, stage_dir
+from hybrid.msmarco import Collection
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 50_000
-
-
-class TsvPassages:
-    """``(pid, text)`` rows of a ``pid<TAB>text`` file, re-read on every pass (the encoder reads the corpus twice)."""
-
-    def __init__(self, path: Path, limit: int | None = None) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such collection file (expected pid<TAB>text lines)")
-        self.path, self.limit = path, limit
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        with open(self.path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if self.limit is not None and number > self.limit:
-                    return
-                pid, tab, text = line.rstrip("\r\n").partition("\t")
-                if not tab:
-                    raise ValueError(f"{self.path}:{number}: expected 'pid<TAB>text', found no tab")
-                yield pid, text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True, help="saved encoder (dense_model/model)")
     parser.add_argument("--collection", type=Path, required=True, help="collection.tsv (pid<TAB>text)")
-    parser.add_argument("--out-dir", type=Path, help="default: <artifacts>/dense_index")
+    parser.add_argument("--out-dir", type=Path, help="default: <artifacts>/dense_index/embeddings")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="passages per resumable shard")
     parser.add_argument("--fp32", action="store_true", help="store float32 instead of float16")
@@ -58,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder = load_encoder(args.model_dir, device=args.device)
     result = encode_corpus(
         encoder,
-        TsvPassages(args.collection, args.limit),
-        args.out_dir or stage_dir(artifacts_dir(), "dense_index"),
+        Collection(args.collection, args.limit),
+        args.out_dir or stage_dir(artifacts_dir(), "dense_index") / "embeddings",
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         fp16=not args.fp32,

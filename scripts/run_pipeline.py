@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hybrid.config import load_config  # noqa: E402
-from hybrid.pipeline import STAGES, Pipeline  # noqa: E402
+from hybrid.config import load_config
+from hybrid.pipeline import STAGES, Pipeline
 
 
 def main(argv: list[str] | None = None) -> None:

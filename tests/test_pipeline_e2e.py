@@ -194,3 +194,15 @@ def test_missing_or_mismatched_artifacts_name_the_stage(built, tmp_path):
             Retriever(mode="dense", artifacts_dir=pipeline.root)
     finally:
         write_json_atomic(stage, original)
+
+
+def test_latency_benchmark_reports_every_mode_and_the_bm25_ratio(built):
+    from hybrid.benchmark import benchmark
+
+    pipeline, _, slice_dir = built
+    queries = list(MsMarcoDir(slice_dir).queries("dev").values())[:6]
+    table, raw = benchmark(pipeline.root, queries, k=10, modes=["hybrid", "dense"], warmup=2)
+    assert "bm25-only (k=100)" in table and "hybrid (k=10)" in table and "dense (k=10)" in table
+    assert raw["hybrid"]["n"] == 4
+    assert {"hybrid", "dense"} == set(raw["breakdown_ms"])
+    assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])

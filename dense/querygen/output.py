@@ -8,13 +8,14 @@ is written last, so its presence means the stage finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dense.atomic import sha256_file as file_sha256
+from dense.atomic import write_json_atomic
 from dense.querygen.records import GeneratedQueries, QueryPair
 
 TRAIN_FILE = "train.jsonl"
@@ -55,26 +56,6 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> i
         tmp.unlink(missing_ok=True)
         raise
     return n
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Indented JSON through a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (input checksums for the manifest)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_training_records(path: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,59 @@
+"""Pipeline config files: the shipped ones load, unknown keys and bad overrides are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dense.config import EncoderConfig, TrainConfig
+from hybrid.config import ConfigError, PipelineConfig, load_config
+from hybrid.pipeline import Pipeline
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_their_dense_sections_validate(path):
+    config = load_config(path)
+    assert isinstance(config, PipelineConfig)
+    EncoderConfig.from_dict({"model_name_or_path": "some-model", **config.dense.encoder})
+    TrainConfig.from_dict(config.dense.train)
+    assert config.fusion.holdout_queries > 0
+
+
+def test_unknown_keys_are_refused_with_the_section(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fusion]\ndepht = 10\n")
+    with pytest.raises(ConfigError, match=r"depht.*\[fusion\]"):
+        load_config(bad)
+
+
+def test_overrides_take_toml_values_and_bare_strings(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ndir = "x"\n')
+    config = load_config(cfg, ["fusion.depth=7", "data.dir=/some/where", "dense.train.max_steps=3"])
+    assert config.fusion.depth == 7
+    assert config.data.dir == "/some/where"
+    assert config.dense.train == {"max_steps": 3}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(cfg, ["no-equals-sign"])
+
+
+def test_missing_file_and_missing_data_dir(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    monkeypatch.delenv("MSMARCO_DIR", raising=False)
+    with pytest.raises(ConfigError, match="MSMARCO_DIR"):
+        PipelineConfig().data_dir()
+
+
+def test_fingerprints_change_downstream_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
+    base = Pipeline(PipelineConfig(), tmp_path / "a")
+    changed = Pipeline(load_config(CONFIGS[0], ["fusion.depth=3"]), tmp_path / "a")
+    same_data = Pipeline(load_config(CONFIGS[0]), tmp_path / "a")
+    assert changed.inputs_fingerprint("fusion") != same_data.inputs_fingerprint("fusion")
+    assert changed.inputs_fingerprint("evaluate") != same_data.inputs_fingerprint("evaluate")
+    assert changed.inputs_fingerprint("dense_train") == same_data.inputs_fingerprint("dense_train")
+    assert base.inputs_fingerprint("data") != base.inputs_fingerprint("bm25")
