@@ -61,6 +61,11 @@ class DenseConfig:
     hard_negatives_depth: int = 100  # BM25 depth mined for hard negatives
     hard_negatives: int = 8
     max_real_train_queries: int = 0  # cap on MS MARCO train queries (0 = all whose positive is in the corpus)
+    # validation during training: rerank the BM25 top-`validate_depth` of the first `validate_queries` queries of
+    # `validate_split` (selects checkpoints, never trains; 0 = off)
+    validate_split: str = "dev"
+    validate_queries: int = 0
+    validate_depth: int = 30
     encode_batch_size: int = 256
     encode_shard_size: int = 50_000
     index_kind: str = "flat"  # flat | hnsw | ivfpq
