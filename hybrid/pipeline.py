@@ -321,10 +321,16 @@ class Pipeline:
         train_config = TrainConfig.from_dict({"seed": self.config.seed, **c.train})
         records, counts = self._training_records()
         out = stage_dir(self.root, "dense_train")
-        # a finished model from other inputs must not be mistaken for this one; checkpoints of the same inputs resume
-        previous = read_stage(self.root, "dense_train")
-        if previous is not None and (out / "model").exists():
-            shutil.rmtree(out / "model")
+        # A finished model or checkpoints from other inputs must not be mistaken for this run's; checkpoints made
+        # with the same inputs (a killed run) resume.
+        marker = out / "inputs_fingerprint.txt"
+        if marker.exists() and marker.read_text().strip() != self.inputs_fingerprint("dense_train"):
+            for stale in ("model", "checkpoints"):
+                shutil.rmtree(out / stale, ignore_errors=True)
+        elif read_stage(self.root, "dense_train") is not None:
+            shutil.rmtree(out / "model", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self.inputs_fingerprint("dense_train") + "\n")
         model_dir = train(encoder_config, train_config, records, self.passages().get, out,
                           validate=self._validator(), resume=(out / "checkpoints").exists())
         from dense.corpus_encoding import directory_fingerprint

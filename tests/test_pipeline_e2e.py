@@ -206,3 +206,21 @@ def test_latency_benchmark_reports_every_mode_and_the_bm25_ratio(built):
     assert raw["hybrid"]["n"] == 4
     assert {"hybrid", "dense"} == set(raw["breakdown_ms"])
     assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])
+
+
+def test_changed_dense_config_retrains_from_scratch_and_outdates_downstream(built, tmp_path):
+    import dataclasses
+    import shutil
+
+    pipeline, done, _ = built
+    root = tmp_path / "artifacts"
+    shutil.copytree(pipeline.root, root)
+    dense = dataclasses.replace(pipeline.config.dense, train={**pipeline.config.dense.train, "max_steps": 4})
+    changed = Pipeline(dataclasses.replace(pipeline.config, dense=dense), root)
+    assert not changed.up_to_date("dense_train") and not changed.up_to_date("fusion")
+    assert changed.up_to_date("bm25")
+    record = changed.run(["dense_train"])["dense_train"]
+    assert record["model_fingerprint"] != done["dense_train"]["model_fingerprint"]
+    import json
+
+    assert json.loads((root / "dense_model" / "model" / "manifest.json").read_text())["steps"] == 4
