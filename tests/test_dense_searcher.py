@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -13,42 +12,13 @@ from dense.corpus_encoding import encode_corpus
 from dense.faiss_index import IndexConfig, build_index, index_corpus
 from dense.interfaces import ArtifactMismatchError, Searcher
 from dense.searcher import DenseSearcher
+from dense_fakes import DIM, HashingEncoder, one_faiss_thread  # noqa: F401 (fixture)
 
-DIM = 32
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """OpenMP threads spin-wait on a busy 2-core box; one thread keeps these tiny builds fast and deterministic."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+def _one_faiss_thread(one_faiss_thread):
     yield
-    faiss.omp_set_num_threads(previous)
-
-
-class HashingEncoder:
-    """Signed hashed bag-of-words, L2-normalized (same idea as the one in test_corpus_encoding)."""
-
-    def __init__(self, dim: int = DIM) -> None:
-        self._dim = dim
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for token in text.lower().split():
-                h = zlib.crc32(token.encode())
-                out[row, h % self._dim] += 1.0 if (h >> 20) & 1 else -1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    def encode_queries(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return self._encode(texts)
-
-    def encode_passages(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return self._encode(texts)
 
 
 def make_corpus(n: int) -> list[tuple[str, str]]:

@@ -8,17 +8,14 @@ import pytest
 
 from dense.faiss_index import IndexConfig, build_index, gpu_available, load_index, save_index
 from dense.interfaces import ArtifactMismatchError, IncompleteArtifactError
+from dense_fakes import one_faiss_thread  # noqa: F401 (fixture)
 
 DIM, COUNT, CLUSTERS, QUERIES, K = 32, 3000, 60, 50, 10
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """OpenMP threads spin-wait on a busy 2-core box; one thread keeps these tiny builds fast and deterministic."""
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+def _one_faiss_thread(one_faiss_thread):
     yield
-    faiss.omp_set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
