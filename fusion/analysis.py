@@ -87,8 +87,12 @@ class Analyzer:
             text = text.lower()
         tokens = _WORD_RE.findall(text)
         if self.remove_stopwords:
-            # Stopwords are lowercase; compare lowercase even when the tokens keep their case.
-            tokens = [t for t in tokens if t.lower() not in ENGLISH_STOPWORDS]
+            # Stopwords are lowercase; compare lowercase even when the tokens keep their case (this runs for
+            # every candidate passage at search time, so skip the extra lower() when the text is lowercased).
+            if self.lowercase:
+                tokens = [t for t in tokens if t not in ENGLISH_STOPWORDS]
+            else:
+                tokens = [t for t in tokens if t.lower() not in ENGLISH_STOPWORDS]
         if self.stem:
             stem = _porter_stemmer()
             tokens = [stem(t) for t in tokens]
