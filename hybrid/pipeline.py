@@ -56,6 +56,7 @@ class Pipeline:
         self.root = artifacts_dir(root or config.artifacts or None)
         self._fingerprints: dict[str, str] = {}
         self._bm25 = None
+        self._store = None
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     def _section(self, stage: str) -> dict[str, Any]:
@@ -153,7 +154,7 @@ class Pipeline:
         summary = data.validate(splits=(c.train_split, *c.eval_splits))
         from hybrid.passage_store import PassageStore
 
-        store = PassageStore.build(data.collection_path, stage_dir(self.root, "data"))
+        store = self._store = PassageStore.build(data.collection_path, stage_dir(self.root, "data"))
         return {
             "data_dir": str(data.root.resolve()),
             "collection_checksum": file_checksum(data.collection_path),
@@ -162,9 +163,12 @@ class Pipeline:
         }
 
     def passages(self):
-        from hybrid.passage_store import PassageStore
+        """The passage store of the data stage, opened once per pipeline run."""
+        if self._store is None:
+            from hybrid.passage_store import PassageStore
 
-        return PassageStore.open(stage_dir(self.root, "data"))
+            self._store = PassageStore.open(stage_dir(self.root, "data"))
+        return self._store
 
     # ---- bm25 ------------------------------------------------------------------------------------------------
     def _run_bm25(self) -> dict:

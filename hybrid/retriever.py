@@ -7,7 +7,6 @@ Everything heavy (JVM + Lucene searcher, encoder, faiss index, fusion model, pas
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,9 +62,8 @@ class Retriever:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         self.mode = mode
-        self.root = artifacts_dir_path = _resolve(artifacts_dir)
-        pipeline = require_stage(artifacts_dir_path, "data")
-        self.config = pipeline.get("config", {})
+        self.root = _resolve(artifacts_dir)
+        self.config = require_stage(self.root, "data").get("config", {})  # the pipeline config that built it
 
         from hybrid.msmarco import PassageStore
 
@@ -75,7 +73,6 @@ class Retriever:
         self._fusion = self._load_fusion() if mode in {"hybrid", "convex", "rrf"} else None
         # two workers: BM25 (JNI, releases the GIL in Java) and dense (torch/faiss release it too)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retriever") if self._fusion else None
-        self._lock = threading.Lock()
 
     # ---- loading -------------------------------------------------------------------------------------------
     def _load_bm25(self):

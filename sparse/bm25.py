@@ -7,6 +7,7 @@ string, so ``AND``, quotes, ``:`` or ``*`` are plain characters. The JVM and the
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -70,8 +71,6 @@ class BM25Searcher:
 
     def doc_text(self, pid: str) -> str | None:
         """Stored raw text of a passage (the JSON ``contents``), or None if the pid is not indexed."""
-        import json
-
         with self._lock:
             doc = self._searcher.doc(str(pid))
             if doc is None:
