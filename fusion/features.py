@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusion.analysis import Analyzer, IdfTable
+from fusion.lexicon import PassageLexicon
 from fusion.normalise import FillPolicy, Ranking, minmax, split_ranking, zscore
 
 PassageText = Callable[[list[str]], list[str]]
@@ -80,7 +81,10 @@ class FeatureBuilder:
         idf_table: IdfTable,
         missing_fill: FillPolicy = FillPolicy(),
         rrf_k: int = DEFAULT_RRF_K,
+        lexicon: PassageLexicon | None = None,
     ) -> None:
+        """``lexicon``: precomputed passage terms; when given, text features read it instead of tokenising the
+        passages (same values, no per-query tokenisation) and ``passage_text`` is not called."""
         retrievers = tuple(retrievers)
         if not retrievers or any(not isinstance(r, str) or not r for r in retrievers):
             raise ValueError(f"retrievers must be a non-empty sequence of non-empty names, got {retrievers!r}")
@@ -101,6 +105,9 @@ class FeatureBuilder:
         self.idf_table = idf_table
         self.missing_fill = missing_fill
         self.rrf_k = rrf_k
+        if lexicon is not None and lexicon.analyzer != analyzer:
+            raise ValueError(f"the lexicon was built with {lexicon.analyzer} but the feature builder uses {analyzer}")
+        self.lexicon = lexicon
         self._feature_names = feature_names_for(retrievers)
 
     @property
@@ -146,6 +153,8 @@ class FeatureBuilder:
         out = np.zeros((len(pids), 4), dtype=np.float64)
         if not pids:
             return out
+        if self.lexicon is not None:
+            return self._lexicon_text_features(query, pids, out)
         texts = passage_text(pids)
         if len(texts) != len(pids):
             raise ValueError(
@@ -163,6 +172,18 @@ class FeatureBuilder:
                 shared = set(tokens).intersection(q_terms)
                 out[i, 2] = len(shared) / len(q_terms)
                 out[i, 3] = sum(q_idf[t] for t in shared) / idf_total
+        return out
+
+    def _lexicon_text_features(self, query: str, pids: list[str], out: np.ndarray) -> np.ndarray:
+        q_tokens = self.analyzer.tokenize(query)
+        q_terms = list(dict.fromkeys(q_tokens))
+        q_idf = self.idf_table.idfs(q_terms)
+        lengths, shared, shared_idf = self.lexicon.overlap(pids, self.lexicon.term_ids(q_terms), q_idf)
+        out[:, 0] = len(q_tokens)
+        out[:, 1] = np.log1p(lengths)
+        if q_terms:
+            out[:, 2] = shared / len(q_terms)
+            out[:, 3] = shared_idf / q_idf.sum()
         return out
 
 

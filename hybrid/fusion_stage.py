@@ -1,8 +1,9 @@
 """The fusion stage's artifacts: learned model, idf table, RRF and tuned convex settings, in one directory.
 
 Files in ``<artifacts>/fusion/``: ``model.json`` (:class:`fusion.model.FusionModel`), ``idf.json``
-(:class:`fusion.analysis.IdfTable`), ``settings.json`` (retrievers, depth, rrf k, fill policy, analyzer, convex
-weight) and ``manifest.json``.
+(:class:`fusion.analysis.IdfTable`), ``lexicon/`` (:class:`fusion.lexicon.PassageLexicon`, the per-passage terms that
+make the text features cheap at search time), ``settings.json`` (retrievers, depth, rrf k, fill policy, analyzer,
+convex weight) and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 from fusion.analysis import Analyzer, IdfTable
 from fusion.baselines import convex, rrf, tune_convex_weight
 from fusion.features import FeatureBuilder, feature_names_for
+from fusion.lexicon import LexiconError, PassageLexicon, build_and_save
 from fusion.model import FusionModel
 from fusion.normalise import FillPolicy, Ranking
 from fusion.training import train_fusion
+from hybrid.artifacts import ArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +43,16 @@ class FusionSettings:
 class FusionArtifacts:
     """Loaded fusion artifacts; the three fused modes of :class:`hybrid.Retriever` call into this."""
 
-    def __init__(self, settings: FusionSettings, model: FusionModel, idf: IdfTable) -> None:
+    def __init__(
+        self, settings: FusionSettings, model: FusionModel, idf: IdfTable, lexicon: PassageLexicon | None = None
+    ) -> None:
         self.settings = settings
         self.model = model
         self.depth = settings.depth
         analyzer = Analyzer.from_dict(settings.analyzer)
         self.fill = FillPolicy(std_below=settings.std_below)
-        self.builder = FeatureBuilder(settings.retrievers, settings.depth, analyzer, idf, self.fill, settings.rrf_k)
+        self.builder = FeatureBuilder(settings.retrievers, settings.depth, analyzer, idf, self.fill, settings.rrf_k,
+                                      lexicon=lexicon)
 
     @classmethod
     def load(cls, directory: str | Path) -> FusionArtifacts:
@@ -56,7 +62,11 @@ class FusionArtifacts:
         settings = FusionSettings(**raw)
         names = feature_names_for(settings.retrievers)
         model = FusionModel.load(directory / "model.json", expected_features=names)
-        return cls(settings, model, IdfTable.load(directory / "idf.json"))
+        try:
+            lexicon = PassageLexicon.load(directory / "lexicon")
+        except LexiconError as e:
+            raise ArtifactError(f"{e} (python scripts/run_pipeline.py --config ... --force fusion)") from e
+        return cls(settings, model, IdfTable.load(directory / "idf.json"), lexicon)
 
     def rrf(self, rankings: Mapping[str, Ranking]) -> Ranking:
         return rrf(rankings, k=self.settings.rrf_k)
@@ -83,22 +93,25 @@ def train_fusion_artifacts(
     rankings: Mapping[str, Mapping[str, Ranking]],
     qrels: Mapping[str, Mapping[str, int]],
     passage_text: Callable,
-    corpus_texts: Iterable[str],
+    corpus: Iterable[tuple[str, str]],
     corpus_size: int,
     depth: int,
     rrf_k: int = 60,
     C: float = 1.0,
 ) -> dict:
-    """Fit the fusion model and tune the convex baseline on training queries; write everything into ``out_dir``."""
+    """Fit the fusion model and tune the convex baseline on training queries; write everything into ``out_dir``.
+
+    ``corpus``: ``(pid, text)`` pairs of the whole collection, for the passage lexicon and idf table.
+    """
     start = time.time()
     analyzer = Analyzer()
-    idf = IdfTable.build(corpus_texts, analyzer, total=corpus_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lexicon, idf = build_and_save(corpus, out_dir / "lexicon", analyzer, total=corpus_size)
     fill = FillPolicy()
-    builder = FeatureBuilder(RETRIEVERS, depth, analyzer, idf, fill, rrf_k)
+    builder = FeatureBuilder(RETRIEVERS, depth, analyzer, idf, fill, rrf_k, lexicon=lexicon)
     model, stats = train_fusion(queries, rankings, qrels, builder, passage_text, C=C)
     weight, table = tune_convex_weight(rankings, qrels, RETRIEVERS, metric="mrr@10", missing_fill=fill, depth=depth)
     settings = FusionSettings(RETRIEVERS, depth, rrf_k, fill.std_below, analyzer.to_dict(), weight)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / "model.json")
     idf.save(out_dir / "idf.json")
     (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))

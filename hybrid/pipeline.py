@@ -35,6 +35,7 @@ from hybrid.msmarco import Collection, MsMarcoDir, read_collection
 
 logger = logging.getLogger(__name__)
 
+FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
 STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "evaluate")
 # what each stage reads (its fingerprint includes theirs)
 UPSTREAM = {
@@ -67,7 +68,8 @@ class Pipeline:
             "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
             "dense_train": {"dense": asdict(c.dense), "holdout": c.fusion.holdout_queries, "seed": c.seed},
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
-            "fusion": asdict(c.fusion),
+            # the artifact format joins the inputs so artifacts from an older layout (no lexicon) are rebuilt
+            "fusion": asdict(c.fusion) | {"artifact_format": FUSION_ARTIFACT_FORMAT},
             "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
         }[stage]
 
@@ -387,7 +389,7 @@ class Pipeline:
         store = self.passages()
         summary = train_fusion_artifacts(
             stage_dir(self.root, "fusion"), {q: queries[q] for q in fusion_qids}, rankings,
-            {q: qrels[q] for q in fusion_qids}, store.get_many, (t for _, t in read_collection(self.data_dir().collection_path)),
+            {q: qrels[q] for q in fusion_qids}, store.get_many, read_collection(self.data_dir().collection_path),
             len(store), depth=c.depth, rrf_k=c.rrf_k, C=c.C,
         )
         return {"train_queries": len(fusion_qids), **summary}
