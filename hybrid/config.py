@@ -89,6 +89,14 @@ class EvalConfig:
     k: int = 1000
     latency_queries: int = 200
     modes: tuple[str, ...] = ("sparse", "dense", "rrf", "convex", "hybrid")
+    # comparison rows with all-MiniLM-L6-v2 (hybrid/anchor.py; never part of the system): "always" encodes the
+    # corpus with it on first use (~25 min for 43k passages on 2 cores), "if-cached" adds the rows only once that
+    # encoding exists (`make anchor` builds it), "never" leaves them out.
+    anchor: str = "if-cached"
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ("always", "if-cached", "never"):
+            raise ConfigError(f"eval.anchor must be 'always', 'if-cached' or 'never', got {self.anchor!r}")
 
 
 @dataclass(frozen=True)

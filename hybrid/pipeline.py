@@ -396,18 +396,19 @@ class Pipeline:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_evaluate(self) -> dict:
-        from hybrid.report import evaluate_modes
-        from hybrid.retriever import Retriever
+        from hybrid.anchor import anchor_modes_for
+        from hybrid.report import evaluate_modes, make_searcher
 
         c = self.config.eval
         data = self.data_dir()
         out = stage_dir(self.root, "evaluate")
+        modes = [*c.modes, *anchor_modes_for(c.anchor, self.root)]
         tables = {}
         for split in self.config.data.eval_splits:
             queries = data.queries(split)
             qrels = data.qrels(split, queries)
             report = evaluate_modes(
-                lambda mode: Retriever(mode=mode, artifacts_dir=self.root), c.modes, queries, qrels,
+                lambda mode: make_searcher(mode, self.root), modes, queries, qrels,
                 out_dir=out, split=split, k=c.k, rel_level=self.config.data.rel_levels.get(split, 1),
                 latency_queries=c.latency_queries, chart=True,
             )

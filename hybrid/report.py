@@ -185,6 +185,19 @@ def bar_chart(
 # --- all modes -------------------------------------------------------------------------------------------------
 
 
+def make_searcher(mode: str, artifacts_dir: str | os.PathLike | None = None) -> Searcher:
+    """A :class:`hybrid.Retriever` for the system's modes, an :class:`hybrid.anchor.AnchorSearcher` for the
+    comparison-only anchor modes."""
+    if mode.startswith("anchor"):
+        from hybrid.anchor import AnchorSearcher
+
+        return AnchorSearcher(mode, artifacts_dir)
+    from hybrid.retriever import Retriever
+
+    return Retriever(mode=mode, artifacts_dir=artifacts_dir)
+
+
+
 @dataclass(frozen=True)
 class ModesReport:
     """What :func:`evaluate_modes` produced."""
@@ -224,7 +237,9 @@ def evaluate_modes(
     if not modes:
         raise ValueError("no mode to evaluate")
     if significance_against is None:
-        references = [modes[-1]] if len(modes) > 1 else []
+        # the last of the system's own modes (comparison rows such as the anchor come after it)
+        own = [m for m in modes if not m.startswith("anchor")] or modes
+        references = [own[-1]] if len(modes) > 1 else []
     else:
         references = list(dict.fromkeys(significance_against))
     unknown = [r for r in references if r not in modes]
@@ -294,6 +309,7 @@ __all__ = [
     "ablation_table",
     "bar_chart",
     "evaluate_modes",
+    "make_searcher",
     "p_column",
     "paired_bootstrap_ci",
     "paired_randomization_test",

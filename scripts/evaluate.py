@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qrels", type=Path, required=True, help="TREC qrels file: qid 0 pid grade")
     p.add_argument("--rel-level", type=int, default=1, help="minimum grade counted as relevant (TREC DL: 2)")
     p.add_argument("--modes", type=_csv, default=["sparse", "dense", "rrf", "convex", "hybrid"],
-                   help="comma-separated retriever modes, evaluated in this order")  # fmt: skip
+                   help="comma-separated retriever modes, evaluated in this order; the comparison-only anchor "
+                        "modes anchor-minilm and anchor-bm25+minilm (all-MiniLM-L6-v2) may be added")  # fmt: skip
     p.add_argument("--artifacts", type=Path, default=None,
                    help="artifact directory (default: env HYBRID_ARTIFACTS or <repo>/artifacts)")  # fmt: skip
     p.add_argument("--k", type=int, default=1000, help="ranking depth per query")
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="dev", help="name of the query set, used in file names")
     p.add_argument("--latency-queries", type=int, default=200, help="single queries timed per mode (0: skip)")
     p.add_argument("--significance-against", type=_csv, default=None,
-                   help="comma-separated reference modes for p-values (default: the last mode)")  # fmt: skip
+                   help="comma-separated reference modes for p-values (default: the last non-anchor mode)")  # fmt: skip
     p.add_argument("--chart", action="store_true", help="also write a PNG bar chart")
     p.add_argument("--resume", action="store_true",
                    help="reuse metrics of modes evaluated before on the same inputs (artifacts unchanged)")  # fmt: skip
@@ -48,17 +49,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from hybrid.artifacts import artifacts_dir
     from hybrid.msmarco import read_qrels, read_queries
-    from hybrid.report import evaluate_modes
-    from hybrid.retriever import MODES, Retriever
+    from hybrid.anchor import ANCHOR_MODES
+    from hybrid.report import evaluate_modes, make_searcher
+    from hybrid.retriever import MODES
 
-    unknown = [m for m in args.modes if m not in MODES]
+    unknown = [m for m in args.modes if m not in MODES + ANCHOR_MODES]
     if unknown:
-        raise SystemExit(f"unknown mode(s) {unknown} in --modes; choose from {list(MODES)}")
+        raise SystemExit(f"unknown mode(s) {unknown} in --modes; choose from {list(MODES + ANCHOR_MODES)}")
     artifacts = artifacts_dir(args.artifacts)
     queries = read_queries(args.queries)
     qrels = read_qrels(args.qrels, queries)
     report = evaluate_modes(
-        lambda mode: Retriever(mode=mode, artifacts_dir=artifacts),
+        lambda mode: make_searcher(mode, artifacts),
         args.modes,
         queries,
         qrels,

@@ -1,0 +1,61 @@
+r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with the run (paired tests).
+
+    python scripts/rerank_experiment.py --queries $D/queries.dev.tsv --qrels $D/qrels.dev.txt --name dev \
+        --base hybrid --depths 3,5,10 --weights none,1 [--max-queries 100]
+
+The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py).
+Scores are cached in <artifacts>/eval/ql.<name>.jsonl (resumable); the table goes to stdout and
+<artifacts>/eval/rerank.<base>.<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=Path, required=True)
+    p.add_argument("--qrels", type=Path, required=True)
+    p.add_argument("--name", default="dev")
+    p.add_argument("--rel-level", type=int, default=1)
+    p.add_argument("--base", default="hybrid", help="mode whose saved run is reranked")
+    p.add_argument("--depths", default="10", help="comma-separated rerank depths (the largest is scored)")
+    p.add_argument("--weights", default="none,1", help="comma-separated: 'none' = QL only, else z-interpolation")
+    p.add_argument("--max-queries", type=int, default=None, help="first N judged queries only (small-scale runs)")
+    p.add_argument("--max-passage-tokens", type=int, default=160)
+    p.add_argument("--artifacts", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
+    from hybrid.artifacts import artifacts_dir, stage_dir
+    from hybrid.evaluation import read_trec_run
+    from hybrid.msmarco import PassageStore, read_qrels, read_queries
+    from hybrid.rerank import PairScoreCache
+    from hybrid.rerank_eval import full_smollm2_dir, rerank_report
+
+    root = artifacts_dir(args.artifacts)
+    out = root / "eval"
+    queries = read_queries(args.queries)
+    qrels = read_qrels(args.qrels, queries)
+    base_run = read_trec_run(out / f"{args.base}.{args.name}.trec")
+    config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens)
+    scorer = QueryLikelihoodScorer.from_dir(full_smollm2_dir(root), config)
+    cache = PairScoreCache(out / f"ql.{args.name}.jsonl", f"smollm2-135m-instruct-full:{config}")
+    store = PassageStore.open(stage_dir(root, "data"))
+    report = rerank_report(
+        args.base, base_run, queries, qrels, scorer, store.get_many, cache,
+        depths=[int(d) for d in args.depths.split(",")],
+        weights=[None if w.strip() == "none" else float(w) for w in args.weights.split(",")],
+        rel_level=args.rel_level, max_queries=args.max_queries,
+    )
+    path = out / f"rerank.{args.base}.{args.name}.md"
+    path.write_text(report.table + "\n")
+    print(report.table)
+
+
+if __name__ == "__main__":
+    main()
