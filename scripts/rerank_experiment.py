@@ -3,7 +3,11 @@ r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with t
     python scripts/rerank_experiment.py --queries $D/queries.dev.tsv --qrels $D/qrels.dev.txt --name dev \
         --base hybrid --depths 3,5,10 --weights none,1 [--max-queries 100]
 
-The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py).
+    # choose depth and weight on the pipeline's held-out *train* queries (never on dev or DL):
+    python scripts/rerank_experiment.py --train-holdout configs/cpu-marco43k.toml --depths 2,3,5 --weights none,1
+
+The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py); when
+it is missing, it is searched with Retriever(mode=<base>) and written there.
 Scores are cached in <artifacts>/eval/ql.<name>.jsonl (resumable); the table goes to stdout and
 <artifacts>/eval/rerank.<base>.<name>.md.
 """
@@ -17,8 +21,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=Path, required=True)
-    p.add_argument("--qrels", type=Path, required=True)
+    p.add_argument("--queries", type=Path)
+    p.add_argument("--qrels", type=Path)
+    p.add_argument("--train-holdout", type=Path, metavar="CONFIG",
+                   help="instead of --queries/--qrels: the fusion holdout train queries of this pipeline config")
     p.add_argument("--name", default="dev")
     p.add_argument("--rel-level", type=int, default=1)
     p.add_argument("--base", default="hybrid", help="mode whose saved run is reranked")
@@ -39,9 +45,28 @@ def main(argv: list[str] | None = None) -> None:
 
     root = artifacts_dir(args.artifacts)
     out = root / "eval"
-    queries = read_queries(args.queries)
-    qrels = read_qrels(args.qrels, queries)
-    base_run = read_trec_run(out / f"{args.base}.{args.name}.trec")
+    if args.train_holdout:
+        from hybrid.config import load_config
+        from hybrid.pipeline import Pipeline
+
+        all_queries, all_qrels, _, holdout = Pipeline(load_config(args.train_holdout), root).real_train_split()
+        queries = {q: all_queries[q] for q in holdout}
+        qrels = {q: all_qrels[q] for q in holdout}
+        args.name = "train-holdout"
+    elif args.queries and args.qrels:
+        queries = read_queries(args.queries)
+        qrels = read_qrels(args.qrels, queries)
+    else:
+        raise SystemExit("give --queries and --qrels, or --train-holdout CONFIG")
+    run_path = out / f"{args.base}.{args.name}.trec"
+    if not run_path.is_file():
+        from hybrid.evaluation import run_searcher, write_trec_run
+        from hybrid.retriever import Retriever
+
+        retriever = Retriever(mode=args.base, artifacts_dir=root)
+        write_trec_run(run_searcher(_Ranker(retriever), queries, 100), run_path, tag=args.base)
+        retriever.close()
+    base_run = read_trec_run(run_path)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens)
     scorer = QueryLikelihoodScorer.from_dir(full_smollm2_dir(root), config)
     cache = PairScoreCache(out / f"ql.{args.name}.jsonl", f"smollm2-135m-instruct-full:{config}")
@@ -55,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     path = out / f"rerank.{args.base}.{args.name}.md"
     path.write_text(report.table + "\n")
     print(report.table)
+
+
+class _Ranker:
+    """``search``/``batch_search`` of (pid, score) from a Retriever (no passage texts needed here)."""
+
+    def __init__(self, retriever) -> None:
+        self.search, self.batch_search = retriever.rank, retriever.batch_rank
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from dense_fixtures import train_wordpiece_tokenizer
-from transformers import BertConfig, BertModel
+from dense_fixtures import train_bpe_tokenizer, train_wordpiece_tokenizer
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from hybrid.artifacts import ArtifactError, read_stage, write_json_atomic
 from hybrid.config import load_config
@@ -55,6 +55,18 @@ def _tiny_bert(texts: list[str], out: Path) -> Path:
     return out
 
 
+def _tiny_causal_lm(texts: list[str], out: Path) -> Path:
+    """A random 1-layer Llama LM standing in for SmolLM2 in the rerank stage (plain prompt: no chat template)."""
+    tokenizer = train_bpe_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     data = Path(os.environ.get("MSMARCO_DIR", ""))
@@ -64,6 +76,7 @@ def built(tmp_path_factory):
     slice_dir = _write_slice(MsMarcoDir(data), root / "slice")
     texts = [t for _, t in read_collection(slice_dir / "collection.tsv")]
     model = _tiny_bert(texts[:2000], root / "tiny-bert")
+    lm = _tiny_causal_lm(texts[:2000], root / "tiny-lm")
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml",
         [
@@ -84,6 +97,10 @@ def built(tmp_path_factory):
             "fusion.depth=20",
             "eval.k=50",
             "eval.latency_queries=5",
+            "rerank.enabled=true",
+            f'rerank.model="{lm}"',
+            "rerank.depth=3",
+            "rerank.max_passage_tokens=24",
         ],
     )
     pipeline = Pipeline(config, root / "artifacts")
@@ -93,13 +110,14 @@ def built(tmp_path_factory):
 
 def test_every_stage_ran_and_recorded_its_inputs(built):
     pipeline, done, _ = built
-    assert list(done) == ["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "evaluate"]
+    assert list(done) == ["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate"]
     for stage, record in done.items():
         assert record["inputs_fingerprint"] == pipeline.inputs_fingerprint(stage)
     assert done["fusion"]["train_queries"] == 40
     assert done["dense_train"]["real_queries"] == N_TRAIN - 40
     assert set(done["evaluate"]["tables"]) == {"dev", "dl19"}
     assert (pipeline.root / "eval" / "ablation.dev.md").exists()
+    assert "| rerank |" in done["evaluate"]["tables"]["dev"] and done["rerank"]["depth"] == 3
 
 
 def test_rerun_skips_up_to_date_stages(built):
@@ -108,7 +126,7 @@ def test_rerun_skips_up_to_date_stages(built):
     assert {s: r["seconds"] for s, r in again.items()} == {s: done[s]["seconds"] for s in again}
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense", "rrf", "convex", "hybrid"])
+@pytest.mark.parametrize("mode", ["sparse", "dense", "rrf", "convex", "hybrid", "rerank"])
 def test_retriever_results_carry_the_right_passage_text(built, mode):
     from hybrid import Result, Retriever
 
@@ -125,11 +143,12 @@ def test_retriever_results_carry_the_right_passage_text(built, mode):
     assert len(retriever.search("manhattan", 10_000)) <= len(texts)
 
 
-def test_hybrid_search_is_thread_safe(built):
+@pytest.mark.parametrize("mode", [None, "rerank"])
+def test_search_is_thread_safe(built, mode):
     from hybrid import Retriever
 
     pipeline, _, slice_dir = built
-    retriever = Retriever(artifacts_dir=pipeline.root)
+    retriever = Retriever(mode=mode, artifacts_dir=pipeline.root)
     queries = list(MsMarcoDir(slice_dir).queries("dev").values())[:16]
     sequential = [retriever.search(q, 10) for q in queries]
     results: dict[int, list] = {}
@@ -194,6 +213,36 @@ def test_missing_or_mismatched_artifacts_name_the_stage(built, tmp_path):
             Retriever(mode="dense", artifacts_dir=pipeline.root)
     finally:
         write_json_atomic(stage, original)
+
+
+def test_rerank_reorders_only_the_fused_top(built):
+    from hybrid import Retriever
+
+    pipeline, _, slice_dir = built
+    hybrid, reranked = (Retriever(mode=m, artifacts_dir=pipeline.root) for m in ("hybrid", "rerank"))
+    assert Retriever(artifacts_dir=pipeline.root).mode == "hybrid"  # rerank.default is false
+    for query in list(MsMarcoDir(slice_dir).queries("dev").values())[:5]:
+        a = [r.document_id for r in hybrid.search(query, 10)]
+        b = [r.document_id for r in reranked.search(query, 10)]
+        assert sorted(a[:3]) == sorted(b[:3]) and a[3:] == b[3:]
+
+
+def test_rerank_default_and_disabled_settings(built, tmp_path):
+    import json
+    import shutil
+
+    from hybrid import Retriever
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(built[0].root, root, ignore=shutil.ignore_patterns("eval", "checkpoints"))
+    settings_path = root / "rerank" / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    settings_path.write_text(json.dumps({**settings, "default": True}))
+    assert Retriever(artifacts_dir=root).mode == "rerank"
+    settings_path.write_text(json.dumps({"enabled": False}))
+    assert Retriever(artifacts_dir=root).mode == "hybrid"
+    with pytest.raises(ArtifactError, match="rerank"):
+        Retriever(mode="rerank", artifacts_dir=root)
 
 
 def test_latency_benchmark_reports_every_mode_and_the_bm25_ratio(built):
