@@ -5,7 +5,7 @@ terms it contains. Tokenising those passages in Python at search time cost ~10 m
 of the fusion's latency. :class:`PassageLexicon` stores, for every passage, its distinct analyzed term ids (sorted)
 and its analyzed token count; search then reduces to an integer gather and a comparison against the query's few
 term ids (well under 1 ms). The same single pass over the corpus yields the document frequencies, so building the
-lexicon also builds the :class:`~fusion.analysis.IdfTable` (and replaces the separate idf pass).
+lexicon also gives the :class:`~fusion.analysis.IdfTable` (:meth:`PassageLexicon.idf_table`; not stored twice).
 
 Files in the lexicon directory (all ``.npy`` memory-mapped on load):
 
@@ -22,8 +22,6 @@ At 8.8M passages: ~35 distinct terms per passage -> ~1.2 GB of ``terms.npy``, me
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from dense.atomic import atomic_directory
 from fusion.analysis import Analyzer, IdfTable
 
 FORMAT = "fusion-passage-lexicon"
@@ -105,18 +104,17 @@ class PassageLexicon:
         vocab = [""] * len(term_id)
         for t, i in term_id.items():
             vocab[i] = t
-        df = np.bincount(terms_np, minlength=len(vocab))
-        idf = IdfTable({t: int(c) for t, c in zip(vocab, df.tolist())}, len(pids), analyzer)
         lexicon = cls(analyzer, vocab, keys, starts_np[order], counts_np[order], lengths_np[order], terms_np)
-        return lexicon, idf
+        return lexicon, lexicon.idf_table()
+
+    def idf_table(self) -> IdfTable:
+        """Document frequencies of every term (each passage lists a term once, so df = count of its id)."""
+        df = np.bincount(np.asarray(self._terms), minlength=len(self.vocab))
+        return IdfTable({t: int(c) for t, c in zip(self.vocab, df.tolist())}, len(self), self.analyzer)
 
     def save(self, directory: str | Path) -> None:
         """Write into ``directory`` atomically (a temp sibling renamed into place)."""
-        directory = Path(directory)
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_directory(directory) as tmp:
             np.save(tmp / "keys.npy", self._keys)
             np.save(tmp / "starts.npy", np.asarray(self._starts))
             np.save(tmp / "counts.npy", np.asarray(self._counts))
@@ -125,16 +123,6 @@ class PassageLexicon:
             meta = {"format": FORMAT, "version": VERSION, "analyzer": self.analyzer.to_dict(),
                     "passages": len(self), "vocab": self.vocab}
             (tmp / "vocab.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-            if directory.exists():
-                old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | Path) -> PassageLexicon:

@@ -1,8 +1,8 @@
 """The fusion stage's artifacts: learned model, idf table, RRF and tuned convex settings, in one directory.
 
-Files in ``<artifacts>/fusion/``: ``model.json`` (:class:`fusion.model.FusionModel`), ``idf.json``
-(:class:`fusion.analysis.IdfTable`), ``lexicon/`` (:class:`fusion.lexicon.PassageLexicon`, the per-passage terms that
-make the text features cheap at search time), ``settings.json`` (retrievers, depth, rrf k, fill policy, analyzer,
+Files in ``<artifacts>/fusion/``: ``model.json`` (:class:`fusion.model.FusionModel`), ``lexicon/``
+(:class:`fusion.lexicon.PassageLexicon`: the per-passage terms that make the text features cheap at search time,
+and the document frequencies of the idf table), ``settings.json`` (retrievers, depth, rrf k, fill policy, analyzer,
 convex weight) and ``manifest.json``.
 """
 
@@ -66,7 +66,7 @@ class FusionArtifacts:
             lexicon = PassageLexicon.load(directory / "lexicon")
         except LexiconError as e:
             raise ArtifactError(f"{e} (python scripts/run_pipeline.py --config ... --force fusion)") from e
-        return cls(settings, model, IdfTable.load(directory / "idf.json"), lexicon)
+        return cls(settings, model, lexicon.idf_table(), lexicon)
 
     def rrf(self, rankings: Mapping[str, Ranking]) -> Ranking:
         return rrf(rankings, k=self.settings.rrf_k)
@@ -113,7 +113,6 @@ def train_fusion_artifacts(
     weight, table = tune_convex_weight(rankings, qrels, RETRIEVERS, metric="mrr@10", missing_fill=fill, depth=depth)
     settings = FusionSettings(RETRIEVERS, depth, rrf_k, fill.std_below, analyzer.to_dict(), weight)
     model.save(out_dir / "model.json")
-    idf.save(out_dir / "idf.json")
     (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     return {
         "training_set": stats.as_dict(),
