@@ -52,7 +52,8 @@ class QueryLikelihoodScorer:
         self.tokenizer = tokenizer
         self.config = config
         self._use_chat = bool(getattr(tokenizer, "chat_template", None))
-        self._prefix_cache: dict[str, list[int]] = {}
+        before, after = self._prompt_texts()
+        self._prompt_ids = (self._ids(before), self._ids(after))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: QueryLikelihoodConfig = QueryLikelihoodConfig()):
@@ -67,7 +68,7 @@ class QueryLikelihoodScorer:
         return cls(model, tokenizer, config)
 
     # ---- prompt --------------------------------------------------------------------------------------------
-    def _wrap(self, passage: str) -> tuple[str, str]:
+    def _prompt_texts(self) -> tuple[str, str]:
         """Text before the passage and after it (up to where the query starts)."""
         if self._use_chat:
             marker = "\x00PASSAGE\x00"
@@ -83,11 +84,8 @@ class QueryLikelihoodScorer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _pieces(self) -> tuple[list[int], list[int]]:
-        if "pieces" not in self._prefix_cache:
-            before, after = self._wrap("")
-            self._prefix_cache["pieces"] = self._ids(before)
-            self._prefix_cache["after"] = self._ids(after)
-        return self._prefix_cache["pieces"], self._prefix_cache["after"]
+        """Token ids of the prompt before and after the passage."""
+        return self._prompt_ids
 
     def _query_ids(self, query: str) -> list[int]:
         if not query.strip():
