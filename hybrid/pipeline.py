@@ -26,6 +26,7 @@ from hybrid.artifacts import (
     file_checksum,
     fingerprint,
     read_stage,
+    smollm2_dir,
     stage_dir,
     versions,
     write_json_atomic,
@@ -313,12 +314,7 @@ class Pipeline:
         c = self.config.dense
         if c.base_model != "smollm2":
             return c.base_model
-        from dense.pretrained import convert_gguf_to_hf
-
-        out = self.root / "base_models" / f"smollm2-135m-{c.base_layers or 'all'}L"
-        if not (out / "config.json").exists():
-            convert_gguf_to_hf(out, num_layers=c.base_layers or None)
-        return str(out)
+        return str(smollm2_dir(self.root, c.base_layers or None))
 
     def _run_dense_train(self) -> dict:
         from dense.config import EncoderConfig, TrainConfig
@@ -410,9 +406,7 @@ class Pipeline:
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"rerank.model = {c.model!r} is not a model directory (no config.json)")
         else:
-            from hybrid.rerank_eval import full_smollm2_dir
-
-            model_dir = full_smollm2_dir(self.root)
+            model_dir = smollm2_dir(self.root)
         settings = {**asdict(c), "model_dir": str(model_dir.resolve())}
         write_json_atomic(out / "settings.json", settings)
         return settings

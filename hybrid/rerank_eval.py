@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -59,14 +58,4 @@ def rerank_report(
     return RerankReport(table, metrics, seconds)
 
 
-def full_smollm2_dir(root: Path) -> Path:
-    """All 30 layers of SmolLM2-135M-Instruct as a HF directory under ``<root>/base_models`` (converted once)."""
-    from dense.pretrained import convert_gguf_to_hf
-
-    out = root / "base_models" / "smollm2-135m-full"
-    if not (out / "config.json").is_file():
-        convert_gguf_to_hf(out)
-    return out
-
-
-__all__ = ["RerankReport", "full_smollm2_dir", "rerank_report"]
+__all__ = ["RerankReport", "rerank_report"]

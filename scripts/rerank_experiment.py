@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
-    from hybrid.artifacts import artifacts_dir, stage_dir
+    from hybrid.artifacts import artifacts_dir, smollm2_dir, stage_dir
     from hybrid.evaluation import read_trec_run
     from hybrid.msmarco import PassageStore, read_qrels, read_queries
     from hybrid.rerank import PairScoreCache
-    from hybrid.rerank_eval import full_smollm2_dir, rerank_report
+    from hybrid.rerank_eval import rerank_report
 
     root = artifacts_dir(args.artifacts)
     out = root / "eval"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         retriever.close()
     base_run = read_trec_run(run_path)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens)
-    scorer = QueryLikelihoodScorer.from_dir(full_smollm2_dir(root), config)
+    scorer = QueryLikelihoodScorer.from_dir(smollm2_dir(root), config)
     cache = PairScoreCache(out / f"ql.{args.name}.jsonl", f"smollm2-135m-instruct-full:{config}")
     store = PassageStore.open(stage_dir(root, "data"))
     report = rerank_report(
