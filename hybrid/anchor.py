@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion.baselines import convex
 from hybrid.artifacts import ArtifactError, stage_dir
 
 logger = logging.getLogger(__name__)
@@ -159,8 +160,6 @@ class AnchorSearcher:
             self._bm25 = Retriever(mode="sparse", artifacts_dir=self.root)
 
     def _fuse(self, bm25, dense, k: int):
-        from fusion.baselines import convex
-
         fused = convex({"bm25": bm25, "dense": dense}, {"bm25": ANCHOR_BM25_WEIGHT, "dense": 1 - ANCHOR_BM25_WEIGHT},
                        "minmax")
         return fused[:k]
@@ -181,4 +180,12 @@ class AnchorSearcher:
             self._bm25.close()
 
 
-__all__ = ["ANCHOR_MODES", "AnchorSearcher", "anchor_cached", "anchor_modes_for", "AnchorUnavailableError", "MiniLMEncoder", "anchor_model_dir"]
+__all__ = [
+    "ANCHOR_MODES",
+    "AnchorSearcher",
+    "AnchorUnavailableError",
+    "MiniLMEncoder",
+    "anchor_cached",
+    "anchor_model_dir",
+    "anchor_modes_for",
+]

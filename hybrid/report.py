@@ -197,7 +197,6 @@ def make_searcher(mode: str, artifacts_dir: str | os.PathLike | None = None) -> 
     return Retriever(mode=mode, artifacts_dir=artifacts_dir)
 
 
-
 @dataclass(frozen=True)
 class ModesReport:
     """What :func:`evaluate_modes` produced."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid.artifacts import ArtifactError, artifacts_dir, require_stage, stage_dir
+from hybrid.rerank import rerank
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ class Retriever:
         if self.mode == "convex":
             return f.convex(rankings)[:k]
         if self.mode == "rerank":
-            from hybrid.rerank import rerank
-
             scorer, depth, weight = self._reranker
             fused = f.hybrid(query, rankings, self._passages.get_many, max(k, depth))
             with self._rerank_lock:
