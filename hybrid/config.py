@@ -94,6 +94,7 @@ class RerankConfig:
     combine: str = "replace"  # "replace": order the top by QL alone; "interpolate": z(fused) + weight * z(QL)
     weight: float = 1.0
     max_passage_tokens: int = 160
+    system_prompt: str | None = None  # chat system turn: None = the template's own, "" = empty (shorter, E10)
     default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,6 @@ def _build(cls, raw: dict[str, Any], where: str):
         raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(known)}")
     kwargs = {}
     for name, value in raw.items():
-        f = known[name]
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):

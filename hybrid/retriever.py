@@ -121,7 +121,9 @@ class Retriever:
                 "pipeline's rerank stage (scripts/run_pipeline.py --config ... --stages rerank)"
             )
         scorer = QueryLikelihoodScorer.from_dir(
-            settings["model_dir"], QueryLikelihoodConfig(max_passage_tokens=settings["max_passage_tokens"])
+            settings["model_dir"],
+            QueryLikelihoodConfig(max_passage_tokens=settings["max_passage_tokens"],
+                                  system_prompt=settings.get("system_prompt")),
         )
         weight = None if settings["combine"] == "replace" else float(settings["weight"])
         return scorer, int(settings["depth"]), weight

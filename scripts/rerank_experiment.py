@@ -8,13 +8,14 @@ r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with t
 
 The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py); when
 it is missing, it is searched with Retriever(mode=<base>) and written there.
-Scores are cached in <artifacts>/eval/ql.<name>.jsonl (resumable); the table goes to stdout and
+Scores are cached in <artifacts>/eval/ql.<name>.<scorer hash>.jsonl (resumable; one file per scorer setting); the table goes to stdout and
 <artifacts>/eval/rerank.<base>.<name>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", default="none,1", help="comma-separated: 'none' = QL only, else z-interpolation")
     p.add_argument("--max-queries", type=int, default=None, help="first N judged queries only (small-scale runs)")
     p.add_argument("--max-passage-tokens", type=int, default=160)
+    p.add_argument("--system-prompt", default=None,
+                   help="system turn of the chat prompt (default: the template's own; '' for an empty one)")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="causal LM directory (default: the full SmolLM2; e.g. one from train_ql_reranker.py)")
+    p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,9 +73,15 @@ def main(argv: list[str] | None = None) -> None:
         write_trec_run(run_searcher(_Ranker(retriever), queries, 100), run_path, tag=args.base)
         retriever.close()
     base_run = read_trec_run(run_path)
-    config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens)
-    scorer = QueryLikelihoodScorer.from_dir(smollm2_dir(root), config)
-    cache = PairScoreCache(out / f"ql.{args.name}.jsonl", f"smollm2-135m-instruct-full:{config}")
+    config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
+                                   num_layers=args.num_layers)
+    scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
+    key = f"smollm2-135m-instruct-full:{config}"
+    if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
+        weights = max(args.model_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
+        key = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}:{config}"
+    cache = PairScoreCache(out / f"ql.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
+    logging.getLogger(__name__).info("scorer %s, cache %s", key, cache.path)
     store = PassageStore.open(stage_dir(root, "data"))
     report = rerank_report(
         args.base, base_run, queries, qrels, scorer, store.get_many, cache,
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         weights=[None if w.strip() == "none" else float(w) for w in args.weights.split(",")],
         rel_level=args.rel_level, max_queries=args.max_queries,
     )
-    path = out / f"rerank.{args.base}.{args.name}.md"
+    path = out / f"rerank.{args.base}.{args.name}.{cache.path.stem.rsplit('.', 1)[-1]}.md"
     path.write_text(report.table + "\n")
     print(report.table)
 

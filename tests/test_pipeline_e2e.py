@@ -221,6 +221,8 @@ def test_rerank_reorders_only_the_fused_top(built):
     pipeline, _, slice_dir = built
     hybrid, reranked = (Retriever(mode=m, artifacts_dir=pipeline.root) for m in ("hybrid", "rerank"))
     assert Retriever(artifacts_dir=pipeline.root).mode == "hybrid"  # rerank.default is false
+    scorer, depth, weight = reranked._reranker  # built from the stage's settings.json
+    assert (scorer.config.max_passage_tokens, scorer.config.system_prompt, depth, weight) == (24, None, 3, None)
     for query in list(MsMarcoDir(slice_dir).queries("dev").values())[:5]:
         a = [r.document_id for r in hybrid.search(query, 10)]
         b = [r.document_id for r in reranked.search(query, 10)]

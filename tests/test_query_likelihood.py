@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,44 @@ def test_scores_are_log_probabilities_of_the_query_only(tiny_lm) -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError):
         QueryLikelihoodConfig(batch_size=0)
+
+
+# SmolLM2's template in miniature: with no system message it inserts its own (a default system turn)
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("system_prompt", [None, "", "be brief"])
+def test_chat_prompt_system_turn_and_cached_prefix(tiny_lm, system_prompt) -> None:
+    model, tok = tiny_lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    scorer = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(system_prompt=system_prompt))
+    before, after = scorer._prompt_texts()
+    assert ("You are a helpful assistant" in before) == (system_prompt is None)
+    assert before.startswith("<|im_start|>system\n" + (system_prompt or ""))
+    assert after.endswith("<|im_start|>assistant\n")
+    # the prompt prefix is cached once; scores still equal a full forward pass over prefix + passage + query
+    assert scorer._prefix_kv[0][0].shape[2] == len(scorer._prompt_ids[0])
+    got = scorer.score("where is paris", PASSAGES)
+    np.testing.assert_allclose(got, [naive_score(scorer, "where is paris", p) for p in PASSAGES], rtol=1e-4, atol=1e-4)
+
+
+def test_num_layers_keeps_the_first_layers_of_the_given_model() -> None:
+    tokenizer = train_bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    first = model.model.layers[0]
+    scorer = QueryLikelihoodScorer(model, tokenizer, QueryLikelihoodConfig(num_layers=2))
+    assert len(scorer.model.model.layers) == 2 and scorer.model.model.layers[0] is first
+    assert scorer.model.config.num_hidden_layers == 2
+    np.testing.assert_allclose(scorer.score("cat", PASSAGES[:2]), [naive_score(scorer, "cat", p) for p in PASSAGES[:2]],
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        QueryLikelihoodScorer(model, tokenizer, QueryLikelihoodConfig(num_layers=5))
+    with pytest.raises(ValueError):
+        QueryLikelihoodConfig(num_layers=0)
