@@ -220,7 +220,7 @@ def test_rerank_reorders_only_the_fused_top(built):
 
     pipeline, _, slice_dir = built
     hybrid, reranked = (Retriever(mode=m, artifacts_dir=pipeline.root) for m in ("hybrid", "rerank"))
-    assert Retriever(artifacts_dir=pipeline.root).mode == "hybrid"  # rerank.default is false
+    assert Retriever(artifacts_dir=pipeline.root).mode == "rerank"  # rerank.default = true in the CPU config
     scorer, depth, weight = reranked._reranker  # built from the stage's settings.json
     assert (scorer.config.max_passage_tokens, scorer.config.system_prompt, depth, weight) == (24, None, 3, None)
     for query in list(MsMarcoDir(slice_dir).queries("dev").values())[:5]:
@@ -239,6 +239,8 @@ def test_rerank_default_and_disabled_settings(built, tmp_path):
     shutil.copytree(built[0].root, root, ignore=shutil.ignore_patterns("eval", "checkpoints"))
     settings_path = root / "rerank" / "settings.json"
     settings = json.loads(settings_path.read_text())
+    settings_path.write_text(json.dumps({**settings, "default": False}))
+    assert Retriever(artifacts_dir=root).mode == "hybrid"
     settings_path.write_text(json.dumps({**settings, "default": True}))
     assert Retriever(artifacts_dir=root).mode == "rerank"
     settings_path.write_text(json.dumps({"enabled": False}))

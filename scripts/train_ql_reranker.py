@@ -1,0 +1,62 @@
+r"""Fine-tune the query-likelihood reranker on the pipeline's real train queries (not the fusion holdout) with
+hard negatives from the hybrid ranking, then save it for ``rerank_experiment.py --model-dir``.
+
+    python scripts/train_ql_reranker.py --config configs/cpu-marco43k.toml [--out artifacts/rerank_ft] \
+        [--epochs 1] [--trainable-layers 4] [--negatives 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--artifacts", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="default: <artifacts>/rerank_ft")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--trainable-layers", type=int, default=4)
+    p.add_argument("--negatives", type=int, default=3)
+    p.add_argument("--negatives-depth", type=int, default=10, help="negatives come from the hybrid top this deep")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--nll-weight", type=float, default=0.1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from fusion.ql_training import QLTrainConfig, TrainGroup, save_scorer_model, train_query_likelihood
+    from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
+    from hybrid.artifacts import artifacts_dir, smollm2_dir
+    from hybrid.config import load_config
+    from hybrid.pipeline import Pipeline
+    from hybrid.retriever import Retriever
+
+    config = load_config(args.config)
+    root = artifacts_dir(args.artifacts)
+    pipeline = Pipeline(config, root)
+    queries, qrels, train_qids, _ = pipeline.real_train_split()  # the fusion holdout stays out (selection set)
+    store = pipeline.passages()
+    retriever = Retriever(mode="hybrid", artifacts_dir=root)
+    rankings = retriever.batch_rank([queries[q] for q in train_qids], args.negatives_depth)
+    retriever.close()
+    groups = []
+    for qid, ranking in zip(train_qids, rankings):
+        positives = [pid for pid, g in qrels[qid].items() if g > 0 and pid in store]
+        negatives = [pid for pid, _ in ranking if pid not in qrels[qid]][: args.negatives]
+        groups.append(TrainGroup(queries[qid], store.get_many(positives[:1])[0], tuple(store.get_many(negatives))))
+    scorer = QueryLikelihoodScorer.from_dir(
+        smollm2_dir(root), QueryLikelihoodConfig(max_passage_tokens=config.rerank.max_passage_tokens)
+    )
+    train_config = QLTrainConfig(trainable_layers=args.trainable_layers, negatives=args.negatives,
+                                 epochs=args.epochs, lr=args.lr, scale=args.scale, nll_weight=args.nll_weight)
+    record = train_query_likelihood(scorer, groups, train_config)
+    record["train_queries"] = len(train_qids)
+    out = save_scorer_model(scorer, args.out or root / "rerank_ft", record)
+    print(f"saved to {out}: {record}")
+
+
+if __name__ == "__main__":
+    main()
