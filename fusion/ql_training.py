@@ -102,7 +102,7 @@ def train_query_likelihood(
         for p in model.parameters():
             p.requires_grad_(False)
     # the prompt prefix's cached keys/values came from the old weights
-    scorer._prefix_kv = scorer._encode_prefix(scorer._prompt_ids[0])
+    scorer.refresh_prefix_cache()
     return {"config": asdict(config), "groups": len(groups), "steps": steps, "epoch_losses": losses,
             "seconds": round(time.perf_counter() - start, 1)}
 

@@ -48,7 +48,7 @@ def build_scorer(model_dir: Path, variant: str):
                                                              dtype=torch.qint8)
     if "bf16" in opts:
         scorer.model = scorer.model.to(torch.bfloat16)
-    scorer._prefix_kv = scorer._encode_prefix(scorer._prompt_ids[0])  # from the model as modified
+    scorer.refresh_prefix_cache()  # from the model as modified
     return scorer
 
 
