@@ -8,8 +8,8 @@ r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with t
 
 The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py); when
 it is missing, it is searched with Retriever(mode=<base>) and written there.
-Scores are cached in <artifacts>/eval/ql.<name>.<scorer hash>.jsonl (resumable; one file per scorer setting); the table goes to stdout and
-<artifacts>/eval/rerank.<base>.<name>.md.
+Scores are cached in <artifacts>/eval/ql.<name>.<scorer hash>.jsonl (resumable; one file per scorer setting);
+the table goes to stdout and <artifacts>/eval/rerank.<base>.<name>.<scorer hash>.md.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
     key = f"smollm2-135m-instruct-full:{config}"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
-        weights = max(args.model_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
+        files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
+        if not files:
+            raise SystemExit(f"{args.model_dir} holds no *.safetensors or *.bin weights")
+        weights = max(files, key=lambda f: f.stat().st_mtime)
         key = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}:{config}"
     cache = PairScoreCache(out / f"ql.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
     logging.getLogger(__name__).info("scorer %s, cache %s", key, cache.path)
