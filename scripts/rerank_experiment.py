@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     base_run = read_trec_run(run_path)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
                                    num_layers=args.num_layers)
-    scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
     key = f"smollm2-135m-instruct-full:{config}"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
         files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
@@ -83,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.model_dir} holds no *.safetensors or *.bin weights")
         weights = max(files, key=lambda f: f.stat().st_mtime)
         key = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}:{config}"
+    scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
     cache = PairScoreCache(out / f"ql.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
     logging.getLogger(__name__).info("scorer %s, cache %s", key, cache.path)
     store = PassageStore.open(stage_dir(root, "data"))
