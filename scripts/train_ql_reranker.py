@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from dense.training_data import mine_hard_negatives, read_msmarco_train_records
     from fusion.ql_training import QLTrainConfig, TrainGroup, save_scorer_model, train_query_likelihood
     from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
     from hybrid.artifacts import artifacts_dir, smollm2_dir
@@ -39,21 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = Pipeline(config, root)
     queries, qrels, train_qids, _ = pipeline.real_train_split()  # the fusion holdout stays out (selection set)
     store = pipeline.passages()
+    records = read_msmarco_train_records({q: queries[q] for q in train_qids}, {q: qrels[q] for q in train_qids}, store)
     retriever = Retriever(mode="hybrid", artifacts_dir=root)
-    rankings = retriever.batch_rank([queries[q] for q in train_qids], args.negatives_depth)
+    records = mine_hard_negatives(records, retriever.batch_rank, args.negatives_depth, args.negatives,
+                                  known_positives=qrels)
     retriever.close()
-    groups = []
-    for qid, ranking in zip(train_qids, rankings):
-        positives = [pid for pid, g in qrels[qid].items() if g > 0 and pid in store]
-        negatives = [pid for pid, _ in ranking if pid not in qrels[qid]][: args.negatives]
-        groups.append(TrainGroup(queries[qid], store.get_many(positives[:1])[0], tuple(store.get_many(negatives))))
+    groups = [TrainGroup(r.query, store.get_many(list(r.positives[:1]))[0], tuple(store.get_many(list(r.negatives))))
+              for r in records]
     scorer = QueryLikelihoodScorer.from_dir(
         smollm2_dir(root), QueryLikelihoodConfig(max_passage_tokens=config.rerank.max_passage_tokens)
     )
     train_config = QLTrainConfig(trainable_layers=args.trainable_layers, negatives=args.negatives,
                                  epochs=args.epochs, lr=args.lr, scale=args.scale, nll_weight=args.nll_weight)
     record = train_query_likelihood(scorer, groups, train_config)
-    record["train_queries"] = len(train_qids)
+    record["train_queries"] = len(records)
     out = save_scorer_model(scorer, args.out or root / "rerank_ft", record)
     print(f"saved to {out}: {record}")
 
