@@ -1,8 +1,12 @@
-"""File helpers: atomic writes of whole directories and small files, and checksums.
+"""The one place that writes files: atomic writes of whole directories and single files, and checksums.
 
 A stage writes into ``<target>.tmp-<pid>`` and moves it into place with ``os.replace`` only once everything is
 on disk, so a killed job leaves either the old artifact or the new one, never half of one. ``os.replace`` cannot
 swap a directory onto a non-empty one, so an existing target is first renamed aside and removed afterwards.
+Single files go through a uniquely named temporary sibling (fsynced, then renamed); a failed write, including a
+value that cannot be serialised, removes the temporary file and leaves the previous file as it was.
+
+The module is a leaf (no torch, no ``hybrid``) so that every package can write through it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @contextlib.contextmanager
@@ -39,16 +44,56 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file (fsynced, then renamed)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; it replaces ``path`` only if the block succeeds.
+
+    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8 unless ``encoding`` says otherwise). Until the block ends,
+    readers keep seeing the previous file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # A unique name: two threads (or processes) writing the same file must not share a temporary file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600 files; artifacts are shared read-only
+        text = mode == "w"
+        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if text else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``path``."""
+    with atomic_file(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json_atomic(
+    path: str | Path, data: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None
+) -> Path:
+    """Write ``data`` as JSON (sorted keys, UTF-8, trailing newline) to ``path`` atomically.
+
+    The text is serialised before any file is opened, so a value JSON cannot encode leaves nothing behind.
+    ``default`` is passed to ``json.dumps`` (``str`` records paths and other objects by their text).
+    """
+    text = json.dumps(data, indent=indent, sort_keys=True, ensure_ascii=False, default=default) + "\n"
+    return write_text_atomic(path, text)
+
+
+def copy_file_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically (``shutil.copyfile`` would leave half a file if killed)."""
+    with open(src, "rb") as source, atomic_file(dst) as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    return Path(dst)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from dense.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +98,11 @@ def read_records(path: str | Path) -> list[TrainingRecord]:
 
 
 def write_records(records: Iterable[TrainingRecord], path: str | Path) -> Path:
-    """Write records as JSONL through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write records as JSONL atomically (a failed write leaves the previous file)."""
+    with atomic_file(path, "w") as f:
         for record in records:
             f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from dense.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -220,26 +220,10 @@ class IdfTable:
         )
 
 
-def write_json_atomic(path: Path, payload: Any, indent: int | None = 2) -> None:
-    """Write JSON to a temp file next to ``path`` and move it into place, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=indent, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 __all__ = [
     "ENGLISH_STOPWORDS",
     "Analyzer",
     "IdfTable",
     "StemmerUnavailableError",
     "bm25_idf",
-    "write_json_atomic",
 ]

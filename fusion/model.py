@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fusion.analysis import write_json_atomic
+from dense.atomic import write_json_atomic
 from fusion.features import CandidateSet
 from fusion.normalise import Ranking
 

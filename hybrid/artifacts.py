@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dense.atomic import write_json_atomic as _write_json_atomic
+
 MANIFEST = "manifest.json"  # a component's own manifest (index, store, model...)
 STAGE_FILE = "stage.json"  # the pipeline's record of a finished stage: inputs fingerprint + summary
 DEFAULT_ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -72,11 +74,8 @@ def file_checksum(path: str | os.PathLike, full: bool = False) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """Write a manifest atomically (:func:`dense.atomic.write_json_atomic`); objects JSON lacks are written as text."""
+    _write_json_atomic(path, obj, default=str)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:

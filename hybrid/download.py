@@ -42,13 +42,13 @@ from typing import IO
 
 from tqdm import tqdm
 
+from dense.atomic import atomic_file
 from hybrid.artifacts import write_json_atomic
 from hybrid.msmarco import (
     MANIFEST_FILE,
     SPLITS,
     DataFormatError,
     MsMarcoDir,
-    atomic_file,
     parse_qrels_lines,
     parse_tsv_lines,
     read_qrels,

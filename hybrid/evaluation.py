@@ -31,6 +31,7 @@ import ir_measures
 import numpy as np
 from tqdm.auto import tqdm
 
+from dense.atomic import atomic_file
 from hybrid.artifacts import fingerprint, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -234,13 +235,10 @@ def write_trec_run(run: Mapping[str, Ranking], path: str | os.PathLike, tag: str
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag must be a non-empty word without whitespace, got {tag!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w") as f:
         for qid, ranking in run.items():
             for rank, (pid, score) in enumerate(ranking, start=1):
                 f.write(f"{qid} Q0 {pid} {rank} {float(score)!r} {tag}\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dense.atomic import atomic_directory, write_json_atomic
 from fusion.analysis import Analyzer, IdfTable
 from fusion.baselines import convex, rrf, tune_convex_weight
 from fusion.features import FeatureBuilder, feature_names_for
@@ -101,19 +102,22 @@ def train_fusion_artifacts(
 ) -> dict:
     """Fit the fusion model and tune the convex baseline on training queries; write everything into ``out_dir``.
 
-    ``corpus``: ``(pid, text)`` pairs of the whole collection, for the passage lexicon and idf table.
+    ``corpus``: ``(pid, text)`` pairs of the whole collection, for the passage lexicon and idf table. The directory
+    is written whole (a temporary sibling renamed into place), so a failed or killed run leaves the previous one,
+    never a new lexicon beside an old model.
     """
     start = time.time()
     analyzer = Analyzer()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lexicon, idf = build_and_save(corpus, out_dir / "lexicon", analyzer, total=corpus_size)
-    fill = FillPolicy()
-    builder = FeatureBuilder(RETRIEVERS, depth, analyzer, idf, fill, rrf_k, lexicon=lexicon)
-    model, stats = train_fusion(queries, rankings, qrels, builder, passage_text, C=C)
-    weight, table = tune_convex_weight(rankings, qrels, RETRIEVERS, metric="mrr@10", missing_fill=fill, depth=depth)
-    settings = FusionSettings(RETRIEVERS, depth, rrf_k, fill.std_below, analyzer.to_dict(), weight)
-    model.save(out_dir / "model.json")
-    (out_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    with atomic_directory(out_dir) as tmp:
+        lexicon, idf = build_and_save(corpus, tmp / "lexicon", analyzer, total=corpus_size)
+        fill = FillPolicy()
+        builder = FeatureBuilder(RETRIEVERS, depth, analyzer, idf, fill, rrf_k, lexicon=lexicon)
+        model, stats = train_fusion(queries, rankings, qrels, builder, passage_text, C=C)
+        weight, table = tune_convex_weight(rankings, qrels, RETRIEVERS, metric="mrr@10", missing_fill=fill,
+                                           depth=depth)
+        settings = FusionSettings(RETRIEVERS, depth, rrf_k, fill.std_below, analyzer.to_dict(), weight)
+        model.save(tmp / "model.json")
+        write_json_atomic(tmp / "settings.json", asdict(settings))
     return {
         "training_set": stats.as_dict(),
         "convex_weight": weight,

@@ -16,7 +16,6 @@ Downloading the official files lives in :mod:`hybrid.download`, text lookup by p
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -27,7 +26,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -63,20 +61,6 @@ def require_file(path: str | os.PathLike, what: str, hint: str = _LAYOUT_HINT) -
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a file. {hint}")
     return path
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Write ``path`` through a temporary sibling that replaces it only when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def __getattr__(name: str) -> object:

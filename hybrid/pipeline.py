@@ -20,8 +20,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dense.atomic import copy_file_atomic, write_text_atomic
 from hybrid.artifacts import (
     STAGE_FILE,
+    ArtifactError,
     artifacts_dir,
     file_checksum,
     fingerprint,
@@ -115,7 +117,7 @@ class Pipeline:
                 continue
             for up in UPSTREAM[stage]:
                 if not self.up_to_date(up):
-                    raise RuntimeError(
+                    raise ArtifactError(
                         f"stage {stage} needs stage {up}, which is missing or out of date for this config; "
                         f"run it first (--stages {up} {stage}, or the whole pipeline)"
                     )
@@ -208,7 +210,7 @@ class Pipeline:
             if not src.exists():
                 raise FileNotFoundError(f"synthetic.precomputed={src} does not exist")
             out.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out / "precomputed.jsonl")
+            copy_file_atomic(src, out / "precomputed.jsonl")
             files.append("precomputed.jsonl")
         for method in c.methods:
             files.append(f"{method}/train.jsonl")
@@ -334,7 +336,7 @@ class Pipeline:
         elif read_stage(self.root, "dense_train") is not None:
             shutil.rmtree(out / "model", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(self.inputs_fingerprint("dense_train") + "\n")
+        write_text_atomic(marker, self.inputs_fingerprint("dense_train") + "\n")
         model_dir = train(encoder_config, train_config, records, self.passages().get, out,
                           validate=self._validator(), resume=(out / "checkpoints").exists())
         from dense.corpus_encoding import directory_fingerprint
@@ -433,7 +435,7 @@ class Pipeline:
             tables[split] = report.table
             print(f"\n### {split} ({len(qrels)} judged queries)\n\n{report.table}")
         coefficients = coefficient_table(read_stage(self.root, "fusion")["coefficients"])
-        (out / "fusion_coefficients.md").write_text(coefficients + "\n")
+        write_text_atomic(out / "fusion_coefficients.md", coefficients + "\n")
         print(f"\n### fusion model coefficients (standardised features)\n\n{coefficients}")
         return {"tables": tables, "fusion_coefficients": coefficients}
 

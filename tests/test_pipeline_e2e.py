@@ -11,6 +11,7 @@ import pytest
 import torch
 from dense_fixtures import train_bpe_tokenizer, train_wordpiece_tokenizer
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from write_audit import record_writes
 
 from hybrid.artifacts import ArtifactError, read_stage, write_json_atomic
 from hybrid.config import load_config
@@ -68,7 +69,8 @@ def _tiny_causal_lm(texts: list[str], out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def build(tmp_path_factory):
+    """The pipeline run once on the slice, with a record of every file its stages opened for writing."""
     data = Path(os.environ.get("MSMARCO_DIR", ""))
     if not (data / "collection.tsv").exists():
         pytest.skip("MSMARCO_DIR is not set to the marco43k pool")
@@ -104,7 +106,14 @@ def built(tmp_path_factory):
         ],
     )
     pipeline = Pipeline(config, root / "artifacts")
-    done = pipeline.run()
+    with record_writes(pipeline.root) as writes:
+        done = pipeline.run()
+    return pipeline, done, slice_dir, writes
+
+
+@pytest.fixture(scope="module")
+def built(build):
+    pipeline, done, slice_dir, _ = build
     return pipeline, done, slice_dir
 
 
@@ -118,6 +127,17 @@ def test_every_stage_ran_and_recorded_its_inputs(built):
     assert set(done["evaluate"]["tables"]) == {"dev", "dl19"}
     assert (pipeline.root / "eval" / "ablation.dev.md").exists()
     assert "| rerank |" in done["evaluate"]["tables"]["dev"] and done["rerank"]["depth"] == 3
+
+
+def test_every_file_the_stages_write_goes_through_an_atomic_writer(build):
+    writes = build[3]
+    assert len(writes.atomic) > 20  # the audit saw the stages write (temporary files and directories)
+    # The corpus encoding fills its embedding matrix in place, shard by shard, to resume after a kill; the
+    # manifest written last (atomically) is what marks it finished.
+    resumable = {"dense_index/embeddings/embeddings.f16.npy"}
+    assert sorted(set(writes.in_place) - resumable) == []
+    # Journals appended to: the training validation log (none here) and generation caches; none in this run.
+    assert writes.appended == []
 
 
 def test_rerun_skips_up_to_date_stages(built):

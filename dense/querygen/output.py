@@ -9,13 +9,12 @@ is written last, so its presence means the stage finished.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dense.atomic import sha256_file as file_sha256
-from dense.atomic import write_json_atomic
+from dense.atomic import atomic_file, write_json_atomic
+from dense.atomic import sha256_file as file_sha256  # noqa: F401  (re-exported for dense.querygen.pipeline)
 from dense.querygen.records import GeneratedQueries, QueryPair
 
 TRAIN_FILE = "train.jsonl"
@@ -39,22 +38,12 @@ def training_record(pair: QueryPair) -> dict[str, Any]:
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records as JSONL through ``<path>.tmp-<pid>`` + ``os.replace``; returns the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Write records as JSONL atomically (:func:`dense.atomic.atomic_file`); returns the number written."""
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
