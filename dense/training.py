@@ -357,8 +357,10 @@ def train(
 ) -> Path:
     """Train and save the encoder to ``out_dir/model`` (with a manifest); return that directory.
 
-    ``passage_text`` maps pid to text (a dict or a function). ``validate(encoder) -> {metric: value}`` runs every
-    ``eval_every`` steps and at the end (dev data only evaluates, never trains). Checkpoints go to
+    ``passage_text`` maps pid to text (a dict or a function). ``validate(encoder) -> {metric: value}`` only
+    monitors: it runs every ``eval_every`` steps and at the end, and its numbers go to ``validation.jsonl`` and the
+    manifest; the model saved is always the last step's (no checkpoint is selected on it). Give it held-out train
+    queries, never an evaluation split. Checkpoints go to
     ``out_dir/checkpoints/step-N``; with ``resume`` the latest one is continued exactly, without it an existing
     checkpoint is an error. ``data_files`` are recorded (path, sha256) in the manifest.
     """

@@ -65,10 +65,6 @@ class FusionModel:
         self._coef: np.ndarray | None = None
         self._intercept = 0.0
 
-    @property
-    def is_fitted(self) -> bool:
-        return self._coef is not None
-
     def fit(self, X: ArrayLike, y: ArrayLike) -> FusionModel:
         """Fit scaler + logistic regression on rows ``X`` (n, f) with binary labels ``y`` (1 = relevant)."""
         X = self._check_X(X)

@@ -61,11 +61,6 @@ class DenseConfig:
     hard_negatives_depth: int = 100  # BM25 depth mined for hard negatives
     hard_negatives: int = 8
     max_real_train_queries: int = 0  # cap on MS MARCO train queries (0 = all whose positive is in the corpus)
-    # validation during training: rerank the BM25 top-`validate_depth` of the first `validate_queries` queries of
-    # `validate_split` (selects checkpoints, never trains; 0 = off)
-    validate_split: str = "dev"
-    validate_queries: int = 0
-    validate_depth: int = 30
     encode_batch_size: int = 256
     encode_shard_size: int = 50_000
     index_kind: str = "flat"  # flat | hnsw | ivfpq
@@ -80,7 +75,6 @@ class FusionConfig:
     holdout_queries: int = 150
     C: float = 1.0
     max_train_queries: int = 0  # 0 = all available
-    use_synthetic: bool = False  # also train the fusion model on synthetic queries
     rrf_k: int = 60
 
 

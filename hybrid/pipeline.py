@@ -293,25 +293,6 @@ class Pipeline:
             )
         return records, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
 
-    def _validator(self):
-        """Dense reranking of BM25 candidates for a few validation queries (None when switched off)."""
-        c = self.config.dense
-        if c.validate_queries <= 0:
-            return None
-        from dense.validation import rerank_validator
-
-        data = self.data_dir()
-        queries = data.queries(c.validate_split)
-        qrels = data.qrels(c.validate_split, queries)
-        qids = [q for q in queries if q in qrels][: c.validate_queries]
-        rankings = self.bm25().batch_search([queries[q] for q in qids], c.validate_depth)
-        return rerank_validator(
-            {q: queries[q] for q in qids},
-            {q: {p for p, g in qrels[q].items() if g > 0} for q in qids},
-            {q: [pid for pid, _ in r] for q, r in zip(qids, rankings)},
-            self.passages().get_many,
-        )
-
     def _base_model(self) -> str:
         c = self.config.dense
         if c.base_model != "smollm2":
@@ -338,7 +319,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(marker, self.inputs_fingerprint("dense_train") + "\n")
         model_dir = train(encoder_config, train_config, records, self.passages().get, out,
-                          validate=self._validator(), resume=(out / "checkpoints").exists())
+                          resume=(out / "checkpoints").exists())
         from dense.corpus_encoding import directory_fingerprint
 
         return {"model_fingerprint": directory_fingerprint(model_dir), "records": len(records), **counts}
@@ -447,11 +428,3 @@ def coefficient_table(coefficients: dict[str, float]) -> str:
     rows = [{"feature": name, "coefficient": value}
             for name, value in sorted(coefficients.items(), key=lambda kv: -abs(kv[1]))]
     return markdown_table(rows, ["feature", "coefficient"])
-
-
-def run_pipeline(config: PipelineConfig, stages: Sequence[str] | None = None, force: Sequence[str] = (),
-                 root: str | Path | None = None) -> dict[str, dict]:
-    """Run the pipeline; see :class:`Pipeline`."""
-    return Pipeline(config, root).run(stages, force)
-
-

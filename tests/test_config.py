@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,38 @@ def test_fingerprints_change_downstream_only(tmp_path, monkeypatch):
     assert changed.inputs_fingerprint("evaluate") != same_data.inputs_fingerprint("evaluate")
     assert changed.inputs_fingerprint("dense_train") == same_data.inputs_fingerprint("dense_train")
     assert base.inputs_fingerprint("data") != base.inputs_fingerprint("bm25")
+
+
+EVALUATION_SPLITS = {"dev", "dl19", "dl20", *PipelineConfig().data.eval_splits}
+# Fields that name evaluation splits on purpose: what to evaluate on and how to grade it.
+EVALUATION_FIELDS = {"data.eval_splits", "data.rel_levels"}
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple, set)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _fields(config, prefix: str = ""):
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, f"{name}.")
+        else:
+            yield name, value
+
+
+@pytest.mark.parametrize("config", [PipelineConfig(), *map(load_config, CONFIGS)],
+                         ids=["defaults", *(p.name for p in CONFIGS)])
+def test_no_setting_outside_evaluation_names_an_evaluation_split(config):
+    """Selection (checkpoints, fusion, rerank settings) uses held-out train queries; a field that names dev or
+    DL is a leak waiting to be switched on."""
+    leaks = {name: value for name, value in _fields(config)
+             if name not in EVALUATION_FIELDS and EVALUATION_SPLITS & set(_strings(value))}
+    assert leaks == {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -179,27 +178,3 @@ def test_msmarco_train_records_keep_queries_with_a_positive_in_the_corpus() -> N
     assert records == [TrainingRecord("1", "one", ("a",), (), "msmarco-train"),
                        TrainingRecord("3", "three", ("b",), (), "msmarco-train")]
 
-
-def test_rerank_validator_scores_a_perfect_and_a_useless_ranking():
-    from dense.validation import rerank_validator
-
-    class Fake:
-        """Query and passage vectors: passage 'good' matches every query, 'bad' none."""
-
-        def encode_queries(self, texts, batch_size=64):
-            return np.ones((len(texts), 2), dtype=np.float32)
-
-        def encode_passages(self, texts, batch_size=64):
-            return np.array([[1.0, 1.0] if t == "good" else [-1.0, 0.0] for t in texts], dtype=np.float32)
-
-    texts = {"p1": "bad", "p2": "good", "p3": "bad"}
-    validate = rerank_validator(
-        {"q1": "x", "q2": "y", "q3": "no candidates"},
-        {"q1": {"p2"}, "q2": {"p3"}},
-        {"q1": ["p1", "p2"], "q2": ["p2", "p3", "p1"], "q3": []},
-        lambda pids: [texts[p] for p in pids],
-    )
-    metrics = validate(Fake())
-    assert metrics["val_n"] == 2
-    assert metrics["val_R@1"] == 0.5  # q1 right, q2 wrong
-    assert metrics["val_MRR@10"] == pytest.approx((1.0 + 0.5) / 2)
