@@ -19,6 +19,8 @@ from dense.interfaces import ArtifactMismatchError, Ranking, TextEncoder
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUERY_BATCH_SIZE = 64
+# The deepest ranking the project asks a searcher for (the evaluation's k); see DenseSearcher's search_depth.
+DEFAULT_SEARCH_DEPTH = 1000
 
 
 class DenseSearcher:
@@ -28,6 +30,13 @@ class DenseSearcher:
     operation) but not on GPU indexes, which therefore get a lock. Query encoding takes a lock as well: a torch
     forward pass in eval/no_grad mode is re-entrant, but a Hugging Face fast tokenizer shared by threads can fail
     with "RuntimeError: Already borrowed", and torch already spreads one forward pass over the cores.
+
+    ``search_depth``: every search asks the index for ``max(k, search_depth)`` neighbours and keeps the first
+    ``k``. An approximate index explores more for a larger request (faiss HNSW searches with
+    ``efSearch = max(efSearch, k)``), so without this floor ``search(q, 10)`` and ``search(q, 1000)[:10]`` could
+    differ; with it, every ``k <= search_depth`` gets a prefix of the same ranking. The cost of a deeper request is
+    a setting of the searcher, not a side effect of ``k``: a fused searcher that always asks for its top 100 builds
+    its dense searcher with ``search_depth=100``.
     """
 
     def __init__(
@@ -37,7 +46,10 @@ class DenseSearcher:
         pids: Sequence[str],
         *,
         query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
+        search_depth: int = DEFAULT_SEARCH_DEPTH,
     ) -> None:
+        if search_depth < 1:
+            raise ValueError(f"search_depth must be >= 1, got {search_depth}")
         if index.ntotal != len(pids):
             raise ValueError(f"the index holds {index.ntotal} vectors but {len(pids)} pids were given")
         if encoder.dim != index.d:
@@ -49,6 +61,7 @@ class DenseSearcher:
         self._index = index
         self._pids = pids
         self._query_batch_size = query_batch_size
+        self.search_depth = search_depth
         self._encode_lock = threading.Lock()
         self._search_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if is_gpu_index(index) else contextlib.nullcontext()
@@ -63,6 +76,7 @@ class DenseSearcher:
         expected: Mapping[str, Any] | None = None,
         use_gpu: UseGpu = "auto",
         query_batch_size: int = DEFAULT_QUERY_BATCH_SIZE,
+        search_depth: int = DEFAULT_SEARCH_DEPTH,
     ) -> DenseSearcher:
         """Load ``index.faiss`` and ``pids.txt`` from ``index_dir``; ``expected`` and ``use_gpu`` as in ``load_index``.
 
@@ -80,7 +94,12 @@ class DenseSearcher:
                 f"{pids_path}: {len(pids)} pids but the index holds {index.ntotal} vectors; rerun the dense index stage"
             )
         logger.info("dense searcher ready: %s from %s", describe(index), index_dir)
-        return cls(encoder, index, pids, query_batch_size=query_batch_size)
+        return cls(encoder, index, pids, query_batch_size=query_batch_size, search_depth=search_depth)
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The query encoder (e.g. to time query encoding on its own)."""
+        return self._encoder
 
     @property
     def count(self) -> int:
@@ -88,7 +107,8 @@ class DenseSearcher:
         return len(self._pids)
 
     def search(self, query: str, k: int) -> Ranking:
-        """Top ``k`` ``(pid, score)`` for one query, best first (fewer when the corpus is smaller)."""
+        """Top ``k`` ``(pid, score)`` for one query, best first (fewer when the corpus is smaller); for
+        ``k <= search_depth`` the first ``k`` of one fixed ranking."""
         return self.batch_search([query], k)[0]
 
     def batch_search(self, queries: list[str], k: int) -> list[Ranking]:
@@ -108,7 +128,8 @@ class DenseSearcher:
                 f"({len(queries)}, {self._index.d})"
             )
         with self._search_lock:
-            scores, ids = self._index.search(vectors, min(k, self._index.ntotal))
+            scores, ids = self._index.search(vectors, min(max(k, self.search_depth), self._index.ntotal))
+        scores, ids = scores[:, :k], ids[:, :k]
         pids = self._pids
         # faiss pads with id -1 when it finds fewer than k neighbours; pids[-1] would silently be the last pid.
         return [

@@ -6,30 +6,61 @@ The canonical layout is one directory holding
 - ``queries.<split>.tsv``: ``qid <TAB> query``;
 - ``qrels.<split>.txt``: TREC qrels ``qid 0 pid grade`` (any whitespace between fields).
 
-Files are read as bytes and split on ``\\n`` only: real passages contain characters such as U+0085 or U+2028 that
-``str.splitlines`` (and text-mode universal newlines, for ``\\r``) would treat as line ends. A line is split on its
-first tab only, so a text may itself contain tabs. Errors are :class:`DataFormatError` naming the file and the
-1-based line.
+The file readers live in the leaf module :mod:`dense.msmarco_files` (every package reads the files the same way:
+as bytes, split on ``\\n`` only) and are re-exported here. Errors are :class:`DataFormatError` naming the file and
+the 1-based line.
 
 Downloading the official files lives in :mod:`hybrid.download`, text lookup by pid in :mod:`hybrid.passage_store`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from dense.msmarco_files import (
+    LAYOUT_HINT,
+    Collection,
+    DataFormatError,
+    iter_collection,
+    parse_qrels_lines,
+    parse_tsv_lines,
+    pid_key,
+    read_collection,
+    read_qrels,
+    read_queries,
+    require_file,
+)
 from hybrid.artifacts import file_checksum, replace_dir, write_json_atomic
+
+__all__ = [  # the readers are re-exported from dense.msmarco_files
+    "COLLECTION_FILE",
+    "MANIFEST_FILE",
+    "SPLITS",
+    "Collection",
+    "DataFormatError",
+    "DataSummary",
+    "MsMarcoDir",
+    "SplitSummary",
+    "as_msmarco_dir",
+    "build_subset",
+    "parse_qrels_lines",
+    "parse_tsv_lines",
+    "pid_key",
+    "read_collection",
+    "read_qrels",
+    "read_queries",
+    "require_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +68,6 @@ SPLITS = ("train", "dev", "dl19", "dl20")
 COLLECTION_FILE = "collection.tsv"
 MANIFEST_FILE = "manifest.json"
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_ID = re.compile(r"\S+")
-_LAYOUT_HINT = (
-    "A data directory holds collection.tsv, queries.<split>.tsv and qrels.<split>.txt; create one with "
-    "`python scripts/prepare_data.py --source download --out DIR` or point MSMARCO_DIR / data.dir at an existing one."
-)
-
-
-class DataFormatError(ValueError):
-    """A data file is malformed; ``source`` and ``line`` (1-based, None for the whole file) say where."""
-
-    def __init__(self, source: str | os.PathLike, line: int | None, problem: str, hint: str = "") -> None:
-        self.source = str(source)
-        self.line = line
-        self.problem = problem
-        where = f"{self.source}:{line}" if line is not None else self.source
-        super().__init__(f"{where}: {problem}" + (f". {hint}" if hint else ""))
-
-
-def require_file(path: str | os.PathLike, what: str, hint: str = _LAYOUT_HINT) -> Path:
-    """``path`` as a Path, or FileNotFoundError naming it, what it should hold and what to do."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a file. {hint}")
-    return path
 
 
 def __getattr__(name: str) -> object:
@@ -70,132 +77,6 @@ def __getattr__(name: str) -> object:
 
         return getattr(passage_store, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --- line parsers (shared by the file readers and the download converters) -------------------------------------
-
-
-def parse_tsv_lines(lines: Iterable[bytes], source: str | os.PathLike, kind: str) -> Iterator[tuple[int, str, str]]:
-    """``(line_number, id, text)`` per ``id<TAB>text`` line; ``kind`` ("passage", "query") words the errors."""
-    lineno = 0
-    for lineno, raw in enumerate(lines, 1):
-        line = raw[:-1] if raw.endswith(b"\n") else raw
-        tab = line.find(b"\t")
-        if tab < 0:
-            raise DataFormatError(
-                source, lineno, f"expected '{kind} id<TAB>text' but the line has no tab: {_show(line)}"
-            )
-        try:
-            key = line[:tab].decode("utf-8")
-            text = line[tab + 1 :].decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataFormatError(source, lineno, f"not valid UTF-8 at byte {e.start}: {_show(line)}") from e
-        if not _ID.fullmatch(key):
-            problem = f"empty {kind} id" if not key.strip() else f"{kind} id {key!r} contains whitespace"
-            raise DataFormatError(source, lineno, f"{problem}: {_show(line)}")
-        yield lineno, key, text
-    if lineno == 0:
-        raise DataFormatError(source, None, f"file is empty (expected '{kind} id<TAB>text' lines)")
-
-
-def parse_qrels_lines(lines: Iterable[bytes], source: str | os.PathLike) -> Iterator[tuple[int, str, str, int]]:
-    """``(line_number, qid, pid, grade)`` per TREC qrels line ``qid <iteration> pid grade``."""
-    lineno = 0
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            fields = raw.decode("utf-8").split()
-        except UnicodeDecodeError as e:
-            raise DataFormatError(source, lineno, f"not valid UTF-8 at byte {e.start}: {_show(raw)}") from e
-        if len(fields) != 4:
-            raise DataFormatError(
-                source, lineno, f"expected 4 fields 'qid 0 pid grade', found {len(fields)}: {_show(raw)}"
-            )
-        qid, _, pid, grade = fields
-        try:
-            value = int(grade)
-        except ValueError:
-            raise DataFormatError(source, lineno, f"relevance grade {grade!r} is not an integer") from None
-        yield lineno, qid, pid, value
-    if lineno == 0:
-        raise DataFormatError(source, None, "file is empty (expected TREC qrels lines 'qid 0 pid grade')")
-
-
-def _show(line: bytes, limit: int = 80) -> str:
-    text = line.rstrip(b"\n").decode("utf-8", errors="replace")
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def pid_key(pid: str) -> int | str:
-    """A compact set key for a pid: an int for canonical decimal ids (MS MARCO's), the string otherwise."""
-    if pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0"):
-        return int(pid)
-    return pid
-
-
-# --- file readers ----------------------------------------------------------------------------------------------
-
-
-def read_collection(path: str | os.PathLike, check_duplicates: bool = True) -> Iterator[tuple[str, str]]:
-    """Stream ``(pid, text)`` from a ``collection.tsv``; a repeated pid raises (set of ids: ~0.5 GB at 8.8M)."""
-    return _iter_collection(require_file(path, "passage collection"), set() if check_duplicates else None)
-
-
-def _iter_collection(path: Path, seen: set[int | str] | None) -> Iterator[tuple[str, str]]:
-    with open(path, "rb") as f:
-        for lineno, pid, text in parse_tsv_lines(f, path, "passage"):
-            if seen is not None:
-                key = pid_key(pid)
-                if key in seen:
-                    raise DataFormatError(path, lineno, f"duplicate passage id {pid!r} (already on an earlier line)")
-                seen.add(key)
-            yield pid, text
-
-
-class Collection:
-    """Re-iterable ``(pid, text)`` view of a collection.tsv (each iteration re-reads the file; ``limit`` caps it)."""
-
-    def __init__(self, path: str | os.PathLike, limit: int | None = None) -> None:
-        self.path = require_file(path, "passage collection")
-        self.limit = limit
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        rows = read_collection(self.path)
-        return rows if self.limit is None else itertools.islice(rows, self.limit)
-
-
-def read_queries(path: str | os.PathLike) -> dict[str, str]:
-    """``{qid: query}`` from a ``qid<TAB>query`` file, in file order; a repeated qid raises."""
-    path = require_file(path, "queries file")
-    queries: dict[str, str] = {}
-    with open(path, "rb") as f:
-        for lineno, qid, text in parse_tsv_lines(f, path, "query"):
-            if qid in queries:
-                raise DataFormatError(path, lineno, f"duplicate query id {qid!r} (already on an earlier line)")
-            queries[qid] = text
-    return queries
-
-
-def read_qrels(path: str | os.PathLike, queries: Mapping[str, str] | None = None) -> dict[str, dict[str, int]]:
-    """``{qid: {pid: grade}}`` from TREC qrels; with ``queries``, a qid missing from them raises."""
-    path = require_file(path, "qrels file")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, "rb") as f:
-        for lineno, qid, pid, grade in parse_qrels_lines(f, path):
-            if queries is not None and qid not in queries:
-                raise DataFormatError(
-                    path,
-                    lineno,
-                    f"query id {qid!r} is not in the queries file",
-                    "The qrels and queries files of this split disagree; regenerate them together "
-                    "(scripts/prepare_data.py) or fix the split.",
-                )
-            judged = qrels.setdefault(qid, {})
-            if judged.get(pid, grade) != grade:
-                raise DataFormatError(
-                    path, lineno, f"query {qid!r} judges passage {pid!r} twice, with grades {judged[pid]} and {grade}"
-                )
-            judged[pid] = grade
-    return qrels
 
 
 # --- the directory ---------------------------------------------------------------------------------------------
@@ -251,7 +132,7 @@ class MsMarcoDir:
     def splits(self) -> list[str]:
         """Splits that have a queries file: the canonical ones in order, then any others alphabetically."""
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data directory {self.root} does not exist. {_LAYOUT_HINT}")
+            raise FileNotFoundError(f"data directory {self.root} does not exist. {LAYOUT_HINT}")
         found = {p.name[len("queries.") : -len(".tsv")] for p in self.root.glob("queries.*.tsv")}
         found = {s for s in found if _SPLIT_NAME.fullmatch(s)}
         return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
@@ -269,7 +150,7 @@ class MsMarcoDir:
         if not path.is_file():
             have = ", ".join(self.splits()) if self.root.is_dir() else "none (no such directory)"
             raise FileNotFoundError(
-                f"no {what} for split {split!r}: {path} does not exist (splits here: {have}). {_LAYOUT_HINT}"
+                f"no {what} for split {split!r}: {path} does not exist (splits here: {have}). {LAYOUT_HINT}"
             )
         return path
 
@@ -277,13 +158,13 @@ class MsMarcoDir:
         """Parse every file (all splits unless given) and return counts; raises on the first problem found."""
         names = list(splits) if splits is not None else self.splits()
         if not names:
-            raise FileNotFoundError(f"{self.root} has no queries.<split>.tsv files. {_LAYOUT_HINT}")
+            raise FileNotFoundError(f"{self.root} has no queries.<split>.tsv files. {LAYOUT_HINT}")
         seen: set[int | str] = set()
         start = time.perf_counter()
         passages = sum(
             1
             for _ in tqdm(
-                _iter_collection(require_file(self.collection_path, "passage collection"), seen),
+                iter_collection(require_file(self.collection_path, "passage collection"), seen),
                 desc="validate collection",
                 unit=" passages",
                 mininterval=2,
@@ -382,7 +263,7 @@ def build_subset(
         written = 0
         with open(tmp / COLLECTION_FILE, "wb") as f:
             for pid, text in tqdm(
-                _iter_collection(src.collection_path, None),
+                iter_collection(src.collection_path, None),
                 desc="write subset",
                 total=total,
                 unit=" passages",
@@ -441,7 +322,7 @@ def _sample_distractors(
     total = 0
     start = time.perf_counter()
     bar = tqdm(desc="sample distractors", unit=" passages", mininterval=2, disable=not progress)
-    for pid, _ in _iter_collection(require_file(collection, "passage collection"), set()):
+    for pid, _ in iter_collection(require_file(collection, "passage collection"), set()):
         total += 1
         bar.update()
         if pid in keep:

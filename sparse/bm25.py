@@ -56,6 +56,8 @@ class BM25Searcher:
 
     def batch_search(self, queries: list[str], k: int, threads: int | None = None) -> list[Ranking]:
         """Top-``k`` for many queries, searched by ``threads`` Java threads; results in input order."""
+        if isinstance(queries, (str, bytes)):  # a str is iterable: it would be searched character by character
+            raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not queries:

@@ -113,3 +113,19 @@ def test_index_in_its_own_directory_carries_the_pids(index_dir, tmp_path):
     separate = DenseSearcher.from_dir(tmp_path, HashingEncoder())
     pid, text = CORPUS[5]
     assert separate.search(text, 1)[0][0] == pid
+
+
+def test_an_approximate_index_answers_the_same_for_every_k_up_to_the_search_depth():
+    # HNSW searches with efSearch = max(efSearch, k): asked for 10 it explores far less than asked for 1000, so on
+    # a narrow graph the top 10 differ unless every search asks for the same number of neighbours.
+    rng = np.random.default_rng(4)
+    embeddings = rng.normal(size=(3000, DIM)).astype(np.float32)
+    config = IndexConfig(kind="hnsw", hnsw_m=4, ef_construction=8, ef_search=1)
+    index = build_index(embeddings, config, progress=False)
+    pids = [f"p{i}" for i in range(len(embeddings))]
+    searcher = DenseSearcher(HashingEncoder(), index, pids, search_depth=1000)
+    for query in queries(20):
+        assert searcher.search(query, 10) == searcher.search(query, 1000)[:10]
+        assert searcher.batch_search([query], 500)[0] == searcher.search(query, 1000)[:500]
+    with pytest.raises(ValueError, match="search_depth"):
+        DenseSearcher(HashingEncoder(), index, pids, search_depth=0)

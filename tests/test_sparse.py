@@ -128,6 +128,12 @@ def test_batch_search_matches_single_search(toy_searcher):
     assert batch[-1] == []
 
 
+def test_batch_search_refuses_a_single_string(toy_searcher):
+    # a str is iterable: without the check each character would be searched as a query
+    with pytest.raises(TypeError, match="list of queries"):
+        toy_searcher.batch_search("dog friend", 3)
+
+
 def test_k_larger_than_corpus_and_invalid_k(toy_searcher):
     assert len(toy_searcher.search("the dog atomic coffee fox", 1000)) == 5
     with pytest.raises(ValueError):

@@ -1,6 +1,6 @@
-"""Readers for the canonical MS MARCO files this package needs (``dense`` may not import ``hybrid.msmarco``).
+"""The MS MARCO inputs of query generation, read through the one reader :mod:`dense.msmarco_files`.
 
-Errors name the file and line so a malformed row can be found at once.
+Errors are :class:`dense.msmarco_files.DataFormatError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -10,23 +10,17 @@ import random
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
+from dense.msmarco_files import iter_tsv_rows
+from dense.msmarco_files import read_qrels as read_graded_qrels
 from dense.querygen.prompt import FewShotExample
 
 logger = logging.getLogger(__name__)
 
 
 def iter_tsv(path: str | Path) -> Iterator[tuple[str, str]]:
-    """``(id, text)`` rows of a two-column TSV (``collection.tsv``, ``queries.<split>.tsv``)."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            id_, sep, text = line.partition("\t")
-            if not sep:
-                raise ValueError(f"{path}:{line_no}: expected 'id<TAB>text', found no tab in {line[:80]!r}")
-            yield id_, text
+    """``(id, text)`` rows of a two-column TSV (``collection.tsv``, ``queries.<split>.tsv``), in file order."""
+    kind = "passage" if Path(path).name.startswith("collection") else "query"
+    return iter_tsv_rows(path, kind)
 
 
 def read_tsv(path: str | Path, ids: Collection[str] | None = None) -> dict[str, str]:
@@ -35,20 +29,10 @@ def read_tsv(path: str | Path, ids: Collection[str] | None = None) -> dict[str, 
 
 
 def read_qrels(path: str | Path, min_grade: int = 1) -> dict[str, list[str]]:
-    """``{qid: [pid, ...]}`` of TREC qrels (``qid 0 pid grade``) with grade >= ``min_grade``."""
-    path = Path(path)
-    qrels: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 4:
-                raise ValueError(f"{path}:{line_no}: expected 'qid 0 pid grade', got {line.strip()!r}")
-            qid, _, pid, grade = parts
-            if int(grade) >= min_grade:
-                qrels.setdefault(qid, []).append(pid)
-    return qrels
+    """``{qid: [pid, ...]}`` of TREC qrels (``qid 0 pid grade``) with grade >= ``min_grade``, in file order."""
+    graded = read_graded_qrels(path)
+    relevant = {qid: [pid for pid, grade in judged.items() if grade >= min_grade] for qid, judged in graded.items()}
+    return {qid: pids for qid, pids in relevant.items() if pids}
 
 
 def read_collection_pids(path: str | Path) -> list[str]:
