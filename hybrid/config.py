@@ -90,10 +90,15 @@ class RerankConfig:
     max_passage_tokens: int = 160
     system_prompt: str | None = None  # chat system turn: None = the template's own, "" = empty (shorter, E10)
     default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
+    # seconds per query for scoring candidates (after the first stage): candidates are scored one at a time until
+    # the next would not fit, the rest keep the fused order (hybrid.rerank.RerankingSearcher)
+    time_budget_s: float = 0.75
 
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise ConfigError(f"rerank.depth must be >= 1, got {self.depth}")
+        if not self.time_budget_s > 0:
+            raise ConfigError(f"rerank.time_budget_s must be > 0, got {self.time_budget_s}")
         if self.combine not in ("replace", "interpolate"):
             raise ConfigError(f"rerank.combine must be 'replace' or 'interpolate', got {self.combine!r}")
         if self.default and not self.enabled:

@@ -7,15 +7,18 @@ every other retriever. Within the top ``depth`` candidates the new score is
     z(first-stage score) + weight * z(scorer score)        (z: z-score within the query's top-depth list)
 
 or the scorer's score alone when ``weight`` is ``None``. Candidates below ``depth`` keep their first-stage order
-after the reranked ones. The cost is ``depth`` scorer calls per query, so ``depth`` is the latency knob.
+after the reranked ones. The cost is ``depth`` scorer calls per query, so ``depth`` is the latency knob, and
+:class:`RerankingSearcher`'s per-query time budget bounds it when some candidates turn out slow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -136,24 +139,104 @@ def score_run_heads(
     return out, seconds
 
 
-class RerankingSearcher:
-    """A searcher whose top-``depth`` is reranked by ``scorer`` (texts from ``passage_text``)."""
+@dataclass(frozen=True)
+class BudgetStats:
+    """How often a :class:`RerankingSearcher`'s time budget cut reranking short."""
 
-    def __init__(self, base: BaseSearcher, scorer: PairScorer, passage_text: Callable[[list[str]], list[str]],
-                 depth: int = 10, weight: float | None = 1.0) -> None:
+    queries: int  # queries reranked (each ``search``, each query of a ``batch_search``)
+    cut: int  # of those, how many stopped before all of the top ``depth`` were scored
+    candidates_scored: int
+
+    @property
+    def cut_rate(self) -> float:
+        return self.cut / self.queries if self.queries else 0.0
+
+
+class RerankingSearcher:
+    """``inner``'s ranking with its top ``depth`` reordered by ``scorer`` (passage texts from ``passage_text``).
+
+    ``time_budget_s`` (``None``: no limit) caps the seconds each query spends on scoring. Candidates are scored one
+    at a time, best first; before each, the searcher checks that the slowest candidate seen so far would still
+    finish inside the budget, and stops otherwise. The candidates scored by then (a prefix of the top) are reordered
+    as :func:`rerank_with_scores` does with that shorter depth, and the rest keep ``inner``'s order below them, so the
+    answer is always one consistent ranking. The clock starts when reranking starts (after the first stage) and
+    includes waiting for the scorer's lock under concurrent calls. :meth:`budget_stats` counts the cuts.
+    """
+
+    def __init__(self, inner: BaseSearcher, scorer: PairScorer, passage_text: Callable[[list[str]], list[str]],
+                 depth: int = 10, weight: float | None = 1.0, time_budget_s: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.base, self.scorer, self.passage_text = base, scorer, passage_text
-        self.depth, self.weight = depth, weight
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 or None (no limit), got {time_budget_s}")
+        self.inner, self.scorer, self.passage_text = inner, scorer, passage_text
+        self.depth, self.weight, self.time_budget_s = depth, weight, time_budget_s
+        self._clock = clock
+        # the scorer's tokenizer cannot be shared by threads ("Already borrowed"); the model runs on all cores anyway
+        self._lock = threading.Lock()
+        self._queries = self._cut = self._scored = 0
+        self._cost_estimate = 0.0  # seconds per candidate: the slowest of the last query, the guess for the next
 
     def search(self, query: str, k: int) -> Ranking:
-        ranking = self.base.search(query, max(k, self.depth))
-        return rerank(query, ranking, self.scorer, self.passage_text, self.depth, self.weight)[:k]
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return self._rerank(query, self.inner.search(query, max(k, self.depth)))[:k]
 
     def batch_search(self, queries: list[str], k: int) -> list[Ranking]:
-        rankings = self.base.batch_search(queries, max(k, self.depth))
-        return [rerank(q, r, self.scorer, self.passage_text, self.depth, self.weight)[:k]
-                for q, r in zip(queries, rankings)]
+        if isinstance(queries, (str, bytes)):
+            raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        rankings = self.inner.batch_search(list(queries), max(k, self.depth))
+        return [self._rerank(q, r)[:k] for q, r in zip(queries, rankings, strict=True)]
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
+
+    def budget_stats(self) -> BudgetStats:
+        """Counts since construction (or :meth:`reset_budget_stats`)."""
+        with self._lock:
+            return BudgetStats(self._queries, self._cut, self._scored)
+
+    def reset_budget_stats(self) -> None:
+        with self._lock:
+            self._queries = self._cut = self._scored = 0
+
+    def _rerank(self, query: str, ranking: Ranking) -> Ranking:
+        start = self._clock()
+        head = ranking[: self.depth]
+        if not head:
+            return ranking
+        texts = self.passage_text([p for p, _ in head])
+        with self._lock:
+            scores = self._score_within_budget(query, texts, start)
+            self._queries += 1
+            self._cut += len(scores) < len(head)
+            self._scored += len(scores)
+        if not scores:
+            return ranking
+        return rerank_with_scores(ranking, np.asarray(scores, dtype=np.float64), len(scores), self.weight)
+
+    def _score_within_budget(self, query: str, texts: list[str], start: float) -> list[float]:
+        """Scores of the longest prefix of ``texts`` that fits the budget (all of them without a budget).
+
+        The cost of the next candidate is taken to be the slowest one measured in this query; before the first, the
+        last query's. A query that scores nothing halves that guess, so one slow spell cannot switch reranking off
+        for good."""
+        scores: list[float] = []
+        slowest = self._cost_estimate
+        for text in texts:
+            if self.time_budget_s is not None and self._clock() - start + slowest > self.time_budget_s:
+                break
+            before = self._clock()
+            scores.append(float(np.asarray(self.scorer.score(query, [text]), dtype=np.float64)[0]))
+            cost = self._clock() - before
+            slowest = cost if len(scores) == 1 else max(slowest, cost)
+        self._cost_estimate = slowest if scores else self._cost_estimate / 2
+        return scores
 
 
-__all__ = ["PairScoreCache", "RerankingSearcher", "rerank", "rerank_with_scores", "score_run_heads"]
+__all__ = ["BudgetStats", "PairScoreCache", "RerankingSearcher", "rerank", "rerank_with_scores", "score_run_heads"]

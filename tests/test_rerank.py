@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,123 @@ def test_score_cache_resumes_and_refuses_another_scorer(tmp_path) -> None:
     assert PairScoreCache(tmp_path / "s.jsonl", "length-v1").get("q3", ["a"]).tolist() == [0.5]
     with pytest.raises(ValueError, match="not 'other'"):
         PairScoreCache(tmp_path / "s.jsonl", "other")
+
+
+# ---- the time budget ------------------------------------------------------------------------------------------------
+
+FUSED = [(f"p{i}", 10.0 - i) for i in range(8)]  # the first stage's ranking: p0 best
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedScorer:
+    """Prefers later passages (p7 > p6 > ...); each passage scored advances ``clock`` by the next of ``costs``."""
+
+    def __init__(self, clock: FakeClock, costs: list[float]) -> None:
+        self.clock, self.costs, self.scored = clock, list(costs), []
+
+    def score(self, query, passages):
+        out = []
+        for p in passages:
+            self.clock.now += self.costs.pop(0) if len(self.costs) > 1 else self.costs[0]
+            self.scored.append(p)
+            out.append(float(p[1:]))
+        return np.array(out)
+
+
+class FixedBase:
+    def search(self, q, k):
+        return FUSED[:k]
+
+    def batch_search(self, qs, k):
+        return [FUSED[:k] for _ in qs]
+
+
+def budgeted(costs: list[float], budget: float | None, depth: int = 5):
+    clock = FakeClock()
+    scorer = TimedScorer(clock, costs)
+    searcher = RerankingSearcher(FixedBase(), scorer, lambda pids: list(pids), depth=depth, weight=None,
+                                 time_budget_s=budget, clock=clock)
+    return searcher, scorer
+
+
+def pids(ranking):
+    return [p for p, _ in ranking]
+
+
+def assert_consistent(ranking):
+    assert sorted(pids(ranking)) == sorted(pids(FUSED)) and len(set(pids(ranking))) == len(ranking)
+    assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
+
+
+def test_candidates_are_scored_until_the_next_would_not_fit():
+    searcher, scorer = budgeted([0.3], budget=1.0)
+    out = searcher.search("q", 8)
+    # 0.3 + 0.3 + 0.3 = 0.9 spent; a fourth (0.3 more) would end at 1.2 > 1.0
+    assert scorer.scored == ["p0", "p1", "p2"]
+    assert pids(out) == ["p2", "p1", "p0", "p3", "p4", "p5", "p6", "p7"]  # the scored prefix reordered, rest fused
+    assert_consistent(out)
+    stats = searcher.budget_stats()
+    assert (stats.queries, stats.cut, stats.candidates_scored, stats.cut_rate) == (1, 1, 3, 1.0)
+
+
+def test_without_a_cut_the_whole_depth_is_reranked():
+    searcher, _ = budgeted([0.1], budget=1.0)
+    out = searcher.search("q", 8)
+    assert pids(out)[:5] == ["p4", "p3", "p2", "p1", "p0"] and pids(out)[5:] == ["p5", "p6", "p7"]
+    assert searcher.budget_stats().cut == 0
+    unlimited, _ = budgeted([5.0], budget=None)
+    assert pids(unlimited.search("q", 8))[:5] == ["p4", "p3", "p2", "p1", "p0"]
+
+
+def test_a_slow_first_candidate_stops_scoring_and_the_fused_order_stays():
+    searcher, scorer = budgeted([0.6, 0.1], budget=1.0)
+    out = searcher.search("q", 8)
+    assert scorer.scored == ["p0"]  # 0.6 spent, and the next is taken to cost 0.6 as well
+    assert pids(out) == pids(FUSED)
+    assert_consistent(out)
+
+
+def test_the_last_query_cost_guards_the_first_candidate_and_recovers():
+    searcher, scorer = budgeted([0.6, 0.3], budget=0.5)
+    searcher.search("q1", 8)  # first candidate: no estimate yet, scored (0.6); the second is not tried
+    assert scorer.scored == ["p0"]
+    out = searcher.search("q2", 8)  # 0.6 expected > 0.5: nothing is scored, the fused ranking comes back as is
+    assert scorer.scored == ["p0"] and out == FUSED
+    searcher.search("q3", 8)  # the guess was halved to 0.3, which fits: scoring resumes
+    assert scorer.scored[1:] == ["p0"]
+    stats = searcher.budget_stats()
+    assert (stats.queries, stats.cut) == (3, 3)
+    searcher.reset_budget_stats()
+    assert searcher.budget_stats().queries == 0
+
+
+def test_the_budget_runs_on_the_real_clock():
+    class SleepingScorer:
+        def score(self, query, passages):
+            time.sleep(0.1)
+            return np.array([float(p[1:]) for p in passages])
+
+    searcher = RerankingSearcher(FixedBase(), SleepingScorer(), lambda p: list(p), depth=5, weight=None,
+                                 time_budget_s=0.29)
+    out = searcher.search("q", 8)
+    # 0.1 s each (a little more on a busy box): two fit in 0.29 s, a third would end at 0.3 s or later
+    assert pids(out) == ["p1", "p0", "p2", "p3", "p4", "p5", "p6", "p7"]
+    assert searcher.budget_stats().candidates_scored == 2
+
+
+def test_batch_search_applies_the_budget_per_query_and_refuses_a_string():
+    searcher, _ = budgeted([0.3], budget=1.0)
+    out = searcher.batch_search(["a", "b"], 4)
+    assert [pids(r) for r in out] == [["p2", "p1", "p0", "p3"]] * 2
+    assert searcher.budget_stats().candidates_scored == 6
+    with pytest.raises(TypeError, match="list of queries"):
+        searcher.batch_search("one query", 3)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        budgeted([0.1], budget=0.0)
