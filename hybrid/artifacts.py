@@ -104,22 +104,69 @@ def read_stage(root: Path, stage: str) -> dict | None:
 
 
 def require_stage(root: Path, stage: str, expect: dict[str, Any] | None = None) -> dict:
-    """``stage.json`` of a finished stage, checked against ``expect``; ArtifactError naming the stage otherwise."""
-    directory = stage_dir(root, stage)
-    manifest = read_stage(root, stage)
-    if manifest is None:
-        raise ArtifactError(
-            f"stage '{stage}' has not been run: no {STAGE_FILE} in {directory}. "
-            f"Run `python scripts/run_pipeline.py --config <config> --stages {stage}` (or the whole pipeline)."
-        )
+    """``stage.json`` of a finished stage, checked against ``expect`` and against the stages it was built from;
+    ArtifactError naming the stage to rerun otherwise.
+
+    A stage records in ``upstream`` the inputs fingerprint of every stage it read; each must still be what that
+    stage's own ``stage.json`` says, all the way up the chain (e.g. ``fusion`` -> ``bm25`` -> ``data``). Stages
+    written before this record existed carry no ``upstream`` and are taken as they are.
+    """
+    manifest = _read_required(root, stage)
     for key, want in (expect or {}).items():
         have = manifest.get(key)
         if have != want:
             raise ArtifactError(
-                f"stage '{stage}' in {directory} was built with {key}={have!r}, expected {want!r}; "
-                f"rerun the '{stage}' stage (python scripts/run_pipeline.py --config <config> --stages {stage})."
+                f"stage '{stage}' in {stage_dir(root, stage)} was built with {key}={have!r}, expected {want!r}; "
+                f"rerun the '{stage}' stage ({_rerun(stage)})."
             )
+    _check_upstream(root, stage, manifest, checked=set())
     return manifest
+
+
+def _rerun(stage: str) -> str:
+    return f"python scripts/run_pipeline.py --config <config> --stages {stage}"
+
+
+def _read_required(root: Path, stage: str) -> dict:
+    manifest = read_stage(root, stage)
+    if manifest is None:
+        raise ArtifactError(
+            f"stage '{stage}' has not been run: no {STAGE_FILE} in {stage_dir(root, stage)}. "
+            f"Run `{_rerun(stage)}` (or the whole pipeline)."
+        )
+    return manifest
+
+
+def _check_upstream(root: Path, stage: str, manifest: dict, checked: set[str]) -> None:
+    """Every recorded upstream fingerprint of ``stage`` matches, recursively (each stage checked once)."""
+    for up, recorded in (manifest.get("upstream") or {}).items():
+        up_manifest = _read_required(root, up)
+        now = up_manifest.get("inputs_fingerprint")
+        if now != recorded:
+            raise ArtifactError(
+                f"stage '{stage}' in {stage_dir(root, stage)} was built from stage '{up}' with inputs fingerprint "
+                f"{recorded}, but '{up}' has since been rebuilt ({now}); rerun the '{stage}' stage and the stages "
+                f"after it ({_rerun(stage)}, or the whole pipeline)."
+            )
+        if up not in checked:
+            checked.add(up)
+            _check_upstream(root, up, up_manifest, checked)
+
+
+def to_stored_path(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How a manifest records ``path``: relative to the artifact directory ``root`` when it lies inside it (so the
+    directory can be copied or moved), else absolute."""
+    absolute = Path(path).resolve()
+    try:
+        return absolute.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def from_stored_path(root: str | os.PathLike, stored: str) -> Path:
+    """The path a manifest recorded with :func:`to_stored_path` (absolute ones, as older manifests hold, as is)."""
+    path = Path(stored)
+    return path if path.is_absolute() else Path(root) / path
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

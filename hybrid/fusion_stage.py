@@ -17,11 +17,12 @@ from pathlib import Path
 
 from dense.atomic import atomic_directory, write_json_atomic
 from fusion.analysis import Analyzer, IdfTable
-from fusion.baselines import convex, rrf, tune_convex_weight
+from fusion.baselines import tune_convex_weight
 from fusion.features import FeatureBuilder, feature_names_for
 from fusion.lexicon import LexiconError, PassageLexicon, build_and_save
 from fusion.model import FusionModel
 from fusion.normalise import FillPolicy, Ranking
+from fusion.searcher import ConvexStrategy, FusionStrategy, LearnedStrategy, RRFStrategy
 from fusion.training import train_fusion
 from hybrid.artifacts import ArtifactError
 
@@ -42,7 +43,7 @@ class FusionSettings:
 
 
 class FusionArtifacts:
-    """Loaded fusion artifacts; the three fused modes of :class:`hybrid.Retriever` call into this."""
+    """Loaded fusion artifacts: the strategies of the three fused modes of :class:`hybrid.Retriever`."""
 
     def __init__(
         self, settings: FusionSettings, model: FusionModel, idf: IdfTable, lexicon: PassageLexicon | None = None
@@ -69,23 +70,16 @@ class FusionArtifacts:
             raise ArtifactError(f"{e} (python scripts/run_pipeline.py --config ... --force fusion)") from e
         return cls(settings, model, lexicon.idf_table(), lexicon)
 
-    def rrf(self, rankings: Mapping[str, Ranking]) -> Ranking:
-        return rrf(rankings, k=self.settings.rrf_k)
-
-    def convex(self, rankings: Mapping[str, Ranking]) -> Ranking:
+    def strategies(self, passage_text: Callable) -> dict[str, FusionStrategy]:
+        """The fused modes' strategies by mode name: ``rrf``, ``convex`` (the tuned weight) and ``hybrid`` (the
+        learned model); ``passage_text`` feeds the text features only when the lexicon is absent."""
         first, second = self.settings.retrievers[:2]
         w = self.settings.convex_weight
-        return convex(rankings, {first: w, second: 1.0 - w}, self.settings.convex_norm, self.fill)
-
-    def hybrid(self, query: str, rankings: Mapping[str, Ranking], passage_text: Callable, k: int) -> Ranking:
-        """Learned fusion of the top-``depth`` candidates; beyond them (k > candidates) RRF order of the rest."""
-        fused = self.model.fuse(self.builder.build(query, rankings, passage_text))
-        if len(fused) >= k:
-            return fused[:k]
-        seen = {pid for pid, _ in fused}
-        floor = fused[-1][1] if fused else 0.0
-        tail = [pid for pid, _ in rrf(rankings, k=self.settings.rrf_k) if pid not in seen]
-        return fused + [(pid, floor - 1.0 - i) for i, pid in enumerate(tail[: k - len(fused)])]
+        return {
+            "rrf": RRFStrategy(self.settings.rrf_k),
+            "convex": ConvexStrategy({first: w, second: 1.0 - w}, self.settings.convex_norm, self.fill),
+            "hybrid": LearnedStrategy(self.model, self.builder, passage_text),
+        }
 
 
 def train_fusion_artifacts(

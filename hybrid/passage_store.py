@@ -65,9 +65,13 @@ class PassageStore:
 
     @classmethod
     def build(
-        cls, collection_tsv: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True
+        cls, collection_tsv: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True,
+        relative_to: str | os.PathLike | None = None,
     ) -> PassageStore:
-        """Index ``collection_tsv`` into ``out_dir`` (replaced atomically); a duplicate pid raises with both lines."""
+        """Index ``collection_tsv`` into ``out_dir`` (replaced atomically); a duplicate pid raises with both lines.
+
+        A source inside ``relative_to`` (the artifact directory, e.g. a subset written there) is recorded relative
+        to ``out_dir``, so the directory keeps working when copied or moved; any other source by absolute path."""
         source = require_file(collection_tsv, "passage collection").resolve()
         out_dir = Path(out_dir)
         start = time.perf_counter()
@@ -91,7 +95,7 @@ class PassageStore:
             meta = {
                 "format": FORMAT,
                 "version": VERSION,
-                "source": str(source),
+                "source": _stored_source(source, out_dir, relative_to),
                 "source_size": stat.st_size,
                 "source_mtime_ns": stat.st_mtime_ns,
                 "source_checksum": file_checksum(source),
@@ -131,7 +135,7 @@ class PassageStore:
                 f"passage store {out_dir} has format version {manifest.get('version')}, this code reads {VERSION}; "
                 "rebuild it (PassageStore.build or the 'data' stage)."
             )
-        source = Path(collection_tsv) if collection_tsv is not None else Path(manifest["source"])
+        source = Path(collection_tsv) if collection_tsv is not None else out_dir / manifest["source"]
         require_file(
             source,
             f"source collection of the passage store {out_dir}",
@@ -218,6 +222,12 @@ class PassageStore:
 
     def __repr__(self) -> str:
         return f"PassageStore({str(self.directory)!r}, passages={len(self)}, source={str(self.source)!r})"
+
+
+def _stored_source(source: Path, out_dir: Path, relative_to: str | os.PathLike | None) -> str:
+    if relative_to is not None and source.is_relative_to(Path(relative_to).resolve()):
+        return os.path.relpath(source, out_dir.resolve())
+    return str(source)
 
 
 def _scan(source: Path, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

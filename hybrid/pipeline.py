@@ -30,6 +30,7 @@ from hybrid.artifacts import (
     read_stage,
     smollm2_dir,
     stage_dir,
+    to_stored_path,
     versions,
     write_json_atomic,
 )
@@ -95,6 +96,8 @@ class Pipeline:
             "config": self.config.to_dict(),
             "seconds": round(seconds, 1),
             "versions": versions(),
+            # what it read, so loaders can tell when an upstream stage was rebuilt after it (require_stage)
+            "upstream": {up: self.inputs_fingerprint(up) for up in UPSTREAM[stage]},
             **summary,
         }
         write_json_atomic(stage_dir(self.root, stage) / STAGE_FILE, record)
@@ -161,9 +164,10 @@ class Pipeline:
         summary = data.validate(splits=(c.train_split, *c.eval_splits))
         from hybrid.passage_store import PassageStore
 
-        store = self._store = PassageStore.build(data.collection_path, stage_dir(self.root, "data"))
+        store = self._store = PassageStore.build(data.collection_path, stage_dir(self.root, "data"),
+                                                 relative_to=self.root)
         return {
-            "data_dir": str(data.root.resolve()),
+            "data_dir": to_stored_path(self.root, data.root),
             "collection_checksum": file_checksum(data.collection_path),
             "passages": len(store),
             "splits": {s: asdict(v) for s, v in summary.splits.items()},
@@ -346,7 +350,8 @@ class Pipeline:
         )
         index_dir = index_corpus(out / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
                                  index_dir=out / "faiss", force=True)
-        return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim, "index_dir": str(index_dir)}
+        return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim,
+                "index_dir": to_stored_path(self.root, index_dir)}
 
     def dense_searcher(self):
         from dense.searcher import DenseSearcher
@@ -390,7 +395,7 @@ class Pipeline:
                 raise FileNotFoundError(f"rerank.model = {c.model!r} is not a model directory (no config.json)")
         else:
             model_dir = smollm2_dir(self.root)
-        settings = {**asdict(c), "model_dir": str(model_dir.resolve())}
+        settings = {**asdict(c), "model_dir": to_stored_path(self.root, model_dir)}  # relative when inside root
         write_json_atomic(out / "settings.json", settings)
         return settings
 

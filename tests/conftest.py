@@ -49,3 +49,11 @@ def write_tiny_msmarco(root: Path) -> Path:
 def tiny_msmarco_dir(tmp_path: Path) -> Path:
     """A fresh canonical directory (collection.tsv, queries/qrels for train, dev, dl19) under tmp_path."""
     return write_tiny_msmarco(tmp_path / "msmarco")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """A tiny artifact directory built by the real pipeline, once per test run (tests/retriever_fixture.py)."""
+    from retriever_fixture import build_tiny_artifacts
+
+    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))

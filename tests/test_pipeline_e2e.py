@@ -1,10 +1,11 @@
-"""End to end: the pipeline on a small slice of the real 43k pool with a tiny dense model, then ``Retriever``."""
+"""End to end: the pipeline on a small slice of the real 43k pool with a tiny dense model, then ``Retriever`` on real
+passages. The Retriever's own behaviour (modes, errors, threads, stale stages, budget) is tested without the pool in
+tests/test_retriever.py."""
 
 from __future__ import annotations
 
 import os
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ from dense_fixtures import train_bpe_tokenizer, train_wordpiece_tokenizer
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from write_audit import record_writes
 
-from hybrid.artifacts import ArtifactError, read_stage, write_json_atomic
 from hybrid.config import load_config
 from hybrid.msmarco import MsMarcoDir, read_collection
 from hybrid.pipeline import Pipeline
@@ -161,124 +161,9 @@ def test_retriever_results_carry_the_right_passage_text(built, mode):
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
     # k larger than the corpus returns what exists
     assert len(retriever.search("manhattan", 10_000)) <= len(texts)
-
-
-@pytest.mark.parametrize("mode", [None, "rerank"])
-def test_search_is_thread_safe(built, mode):
-    from hybrid import Retriever
-
-    pipeline, _, slice_dir = built
-    retriever = Retriever(mode=mode, artifacts_dir=pipeline.root)
-    queries = list(MsMarcoDir(slice_dir).queries("dev").values())[:16]
-    sequential = [retriever.search(q, 10) for q in queries]
-    results: dict[int, list] = {}
-
-    def work(i: int) -> None:
-        results[i] = retriever.search(queries[i], 10)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(queries))]
-    for t in threads[:8]:
-        t.start()
-    for t in threads[:8]:
-        t.join()
-    for t in threads[8:]:
-        t.start()
-    for t in threads[8:]:
-        t.join()
-    assert [results[i] for i in range(len(queries))] == sequential
-
-
-@pytest.mark.parametrize(
-    "query", ["x" * 100_000, "\x00\x07 control chars", "emoji 😀☕ coffee", 'a AND "b" : * ( c', "   padded   "]
-)
-def test_odd_queries_are_searched_as_plain_text(built, query):
-    from hybrid import Retriever
-
-    retriever = Retriever(artifacts_dir=built[0].root)
-    assert isinstance(retriever.search(query, 3), list)
-
-
-def test_bad_input_errors(built):
-    from hybrid import Retriever
-
-    retriever = Retriever(mode="sparse", artifacts_dir=built[0].root)
-    with pytest.raises(TypeError):
-        retriever.search(b"bytes", 3)
-    with pytest.raises(TypeError):
-        retriever.search(None, 3)
-    for bad in ("", "   \n\t"):
-        with pytest.raises(ValueError, match="empty"):
-            retriever.search(bad, 3)
-    with pytest.raises(ValueError, match="k must be"):
-        retriever.search("dog", 0)
-    with pytest.raises(ValueError, match="unknown mode"):
-        Retriever(mode="magic", artifacts_dir=built[0].root)
-
-
-def test_missing_or_mismatched_artifacts_name_the_stage(built, tmp_path):
-    from hybrid import Retriever
-
-    with pytest.raises(ArtifactError, match="pipeline"):
-        Retriever(artifacts_dir=tmp_path / "nowhere")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ArtifactError, match="'data'"):
-        Retriever(artifacts_dir=tmp_path / "empty")
-    # a dense index built from another model is refused
-    pipeline = built[0]
-    stage = pipeline.root / "dense_index" / "stage.json"
-    original = read_stage(pipeline.root, "dense_index")
-    try:
-        write_json_atomic(stage, {**original, "model_fingerprint": "another-model"})
-        with pytest.raises(ArtifactError, match="dense_index"):
-            Retriever(mode="dense", artifacts_dir=pipeline.root)
-    finally:
-        write_json_atomic(stage, original)
-
-
-def test_rerank_reorders_only_the_fused_top(built):
-    from hybrid import Retriever
-
-    pipeline, _, slice_dir = built
-    hybrid, reranked = (Retriever(mode=m, artifacts_dir=pipeline.root) for m in ("hybrid", "rerank"))
-    assert Retriever(artifacts_dir=pipeline.root).mode == "rerank"  # rerank.default = true in the CPU config
-    scorer, depth, weight = reranked._reranker  # built from the stage's settings.json
-    assert (scorer.config.max_passage_tokens, scorer.config.system_prompt, depth, weight) == (24, None, 3, None)
-    for query in list(MsMarcoDir(slice_dir).queries("dev").values())[:5]:
-        a = [r.document_id for r in hybrid.search(query, 10)]
-        b = [r.document_id for r in reranked.search(query, 10)]
-        assert sorted(a[:3]) == sorted(b[:3]) and a[3:] == b[3:]
-
-
-def test_rerank_default_and_disabled_settings(built, tmp_path):
-    import json
-    import shutil
-
-    from hybrid import Retriever
-
-    root = tmp_path / "artifacts"
-    shutil.copytree(built[0].root, root, ignore=shutil.ignore_patterns("eval", "checkpoints"))
-    settings_path = root / "rerank" / "settings.json"
-    settings = json.loads(settings_path.read_text())
-    settings_path.write_text(json.dumps({**settings, "default": False}))
-    assert Retriever(artifacts_dir=root).mode == "hybrid"
-    settings_path.write_text(json.dumps({**settings, "default": True}))
-    assert Retriever(artifacts_dir=root).mode == "rerank"
-    settings_path.write_text(json.dumps({"enabled": False}))
-    assert Retriever(artifacts_dir=root).mode == "hybrid"
-    with pytest.raises(ArtifactError, match="rerank"):
-        Retriever(mode="rerank", artifacts_dir=root)
-
-
-def test_latency_benchmark_reports_every_mode_and_the_bm25_ratio(built):
-    from hybrid.benchmark import benchmark
-
-    pipeline, _, slice_dir = built
-    queries = list(MsMarcoDir(slice_dir).queries("dev").values())[:6]
-    table, raw = benchmark(pipeline.root, queries, k=10, modes=["hybrid", "dense"], warmup=2)
-    assert "bm25-only (k=100)" in table and "hybrid (k=10)" in table and "dense (k=10)" in table
-    assert raw["hybrid"]["n"] == 4
-    assert {"hybrid", "dense"} == set(raw["breakdown_ms"])
-    assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])
+    # and the answer does not depend on k (real dev queries, HNSW over ~1.6k real passages)
+    for query in list(MsMarcoDir(slice_dir).queries("dev").values())[:4]:
+        assert retriever.search(query, 10) == retriever.search(query, 1000)[:10]
 
 
 def test_changed_dense_config_retrains_from_scratch_and_outdates_downstream(built, tmp_path):

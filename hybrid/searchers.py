@@ -1,0 +1,146 @@
+"""The retriever modes as compositions of searchers, loaded from an artifact directory.
+
+Every searcher here answers ``search(query, k)`` / ``batch_search(queries, k)`` with ``(pid, score)`` best first,
+so a mode is a composition built once, as Pyserini builds its hybrid searcher over its Lucene and faiss ones:
+
+    sparse   BM25Searcher
+    dense    DenseSearcher
+    rrf      FusedSearcher(BM25Searcher, DenseSearcher, RRFStrategy, depth)
+    convex   FusedSearcher(BM25Searcher, DenseSearcher, ConvexStrategy, depth)
+    hybrid   FusedSearcher(BM25Searcher, DenseSearcher, LearnedStrategy, depth)
+    rerank   RerankingSearcher(<hybrid>, QueryLikelihoodScorer, depth, time budget)
+
+``depth`` (the fusion stage's, 100 by default) is what each first stage returns to the fusion, whatever ``k`` the
+caller asks for; see :mod:`fusion.searcher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from hybrid.artifacts import ArtifactError, from_stored_path, require_stage, stage_dir
+from hybrid.config import RerankConfig
+
+Ranking = list[tuple[str, float]]
+PassageText = Callable[[list[str]], list[str]]
+
+MODES = ("sparse", "dense", "rrf", "convex", "hybrid", "rerank")
+FUSED_MODES = ("rrf", "convex", "hybrid")
+
+
+class Searcher(Protocol):
+    def search(self, query: str, k: int) -> Ranking: ...
+
+    def batch_search(self, queries: list[str], k: int) -> list[Ranking]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankSettings:
+    """What the rerank stage wrote in ``rerank/settings.json``: its config and the scorer's model directory."""
+
+    config: RerankConfig
+    model_dir: Path | None
+
+    @classmethod
+    def read(cls, root: Path) -> RerankSettings:
+        """The stage's settings; a missing file or one with only ``enabled = false`` is the disabled default."""
+        path = stage_dir(root, "rerank") / "settings.json"
+        raw: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        if not raw.get("enabled"):
+            return cls(RerankConfig(), None)
+        known = {f.name for f in dataclasses.fields(RerankConfig)}
+        # settings written before a field existed (e.g. time_budget_s) get the field's default
+        config = RerankConfig(**{k: v for k, v in raw.items() if k in known})
+        return cls(config, from_stored_path(root, raw["model_dir"]))
+
+
+def bm25_searcher(root: Path):
+    """The BM25 searcher of the ``bm25`` stage, with the k1 and b it was configured with."""
+    from sparse.bm25 import MSMARCO_B, MSMARCO_K1, BM25Searcher
+
+    manifest = require_stage(root, "bm25")
+    return BM25Searcher(stage_dir(root, "bm25"), k1=manifest.get("k1", MSMARCO_K1), b=manifest.get("b", MSMARCO_B))
+
+
+def dense_searcher(root: Path, search_depth: int | None = None):
+    """The dense searcher of the ``dense_index`` stage, refused when built from another model than ``dense_train``'s.
+
+    ``search_depth``: neighbours every search asks the index for (see :class:`dense.searcher.DenseSearcher`);
+    ``None`` keeps the searcher's default."""
+    from dense.encoder import load_encoder
+    from dense.searcher import DenseSearcher
+
+    model = require_stage(root, "dense_train")
+    require_stage(root, "dense_index", expect={"model_fingerprint": model["model_fingerprint"]})
+    encoder = load_encoder(stage_dir(root, "dense_train") / "model")
+    extra = {} if search_depth is None else {"search_depth": search_depth}
+    return DenseSearcher.from_dir(stage_dir(root, "dense_index") / "faiss", encoder, **extra)
+
+
+def fused_searcher(root: Path, mode: str, passage_text: PassageText):
+    """``FusedSearcher`` of BM25 and dense with ``mode``'s strategy, over the fusion stage's depth."""
+    from fusion.searcher import FusedSearcher
+    from hybrid.fusion_stage import FusionArtifacts
+
+    require_stage(root, "fusion")
+    fusion = FusionArtifacts.load(stage_dir(root, "fusion"))
+    strategy = fusion.strategies(passage_text)[mode]
+    # the dense searcher is only ever asked for `depth`, so it needs to search no deeper
+    return FusedSearcher(bm25_searcher(root), dense_searcher(root, search_depth=fusion.depth), strategy,
+                         fusion.depth, names=fusion.settings.retrievers[:2])
+
+
+def reranking_searcher(root: Path, settings: RerankSettings, passage_text: PassageText):
+    """The learned fusion's ranking with its top reordered by query likelihood, as the rerank stage set it up."""
+    from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
+    from hybrid.rerank import RerankingSearcher
+
+    require_stage(root, "rerank")
+    if settings.model_dir is None:
+        raise ArtifactError(
+            f"mode 'rerank' is not enabled in {root}: set rerank.enabled = true in the config and run the "
+            "pipeline's rerank stage (scripts/run_pipeline.py --config ... --stages rerank)"
+        )
+    c = settings.config
+    if not (settings.model_dir / "config.json").is_file():
+        raise ArtifactError(
+            f"the rerank model {settings.model_dir} (from {stage_dir(root, 'rerank') / 'settings.json'}) is not a "
+            "model directory; rerun the 'rerank' stage (scripts/run_pipeline.py --config ... --stages rerank)"
+        )
+    scorer = QueryLikelihoodScorer.from_dir(
+        settings.model_dir,
+        QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt),
+    )
+    weight = None if c.combine == "replace" else float(c.weight)
+    return RerankingSearcher(fused_searcher(root, "hybrid", passage_text), scorer, passage_text, c.depth, weight,
+                             time_budget_s=c.time_budget_s)
+
+
+def build_searcher(mode: str, root: Path, passage_text: PassageText, rerank: RerankSettings) -> Searcher:
+    """The composition of ``mode`` (see the module docstring), loaded once."""
+    builders: dict[str, Callable[[], Searcher]] = {
+        "sparse": lambda: bm25_searcher(root),
+        "dense": lambda: dense_searcher(root),
+        **{m: (lambda m=m: fused_searcher(root, m, passage_text)) for m in FUSED_MODES},
+        "rerank": lambda: reranking_searcher(root, rerank, passage_text),
+    }
+    if mode not in builders:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    return builders[mode]()
+
+
+__all__ = [
+    "FUSED_MODES",
+    "MODES",
+    "RerankSettings",
+    "Searcher",
+    "bm25_searcher",
+    "build_searcher",
+    "dense_searcher",
+    "fused_searcher",
+    "reranking_searcher",
+]

@@ -1,0 +1,258 @@
+"""``hybrid.Retriever`` on the tiny artifact directory (tests/retriever_fixture.py): every mode, bad input, threads,
+answers independent of k, moved and copied directories, stale stages, the reranker's time budget, the benchmark."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+from retriever_fixture import FUSION_DEPTH, RERANK_DEPTH
+
+from hybrid import Result, Retriever
+from hybrid.artifacts import (
+    STAGE_FILE,
+    ArtifactError,
+    read_stage,
+    stage_dir,
+    write_json_atomic,
+)
+from hybrid.config import RerankConfig
+from hybrid.msmarco import read_collection
+from hybrid.pipeline import UPSTREAM
+from hybrid.rerank import RerankingSearcher
+
+MODES = ("sparse", "dense", "rrf", "convex", "hybrid", "rerank")
+_cache: dict[tuple[str, str], Retriever] = {}
+
+
+def retriever(artifacts, mode: str | None) -> Retriever:
+    """One Retriever per (directory, mode) for the whole run: loading is the slow part."""
+    key = (str(artifacts.root), str(mode))
+    if key not in _cache:
+        _cache[key] = Retriever(mode=mode, artifacts_dir=artifacts.root)
+    return _cache[key]
+
+
+def queries(artifacts, n: int = 4) -> list[str]:
+    return list(artifacts.dev_queries.values())[:n]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_returns_results_with_their_passage_text_best_first(tiny_artifacts, mode):
+    texts = dict(read_collection(tiny_artifacts.root / "msmarco-subset" / "collection.tsv"))
+    r = retriever(tiny_artifacts, mode)
+    assert r.mode == mode
+    for query in queries(tiny_artifacts):
+        results = r.search(query, 5)
+        assert len(results) == 5 and all(isinstance(x, Result) for x in results)
+        assert all(x.document_text == texts[x.document_id] for x in results)
+        assert [x.score for x in results] == sorted((x.score for x in results), reverse=True)
+
+
+def test_the_default_mode_comes_from_the_rerank_stage(tiny_artifacts):
+    assert retriever(tiny_artifacts, None).mode == "rerank"  # rerank.default = true in the fixture's config
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_answer_does_not_depend_on_k(tiny_artifacts, mode):
+    r = retriever(tiny_artifacts, mode)
+    for query in queries(tiny_artifacts):
+        top10 = r.search(query, 10)
+        assert top10 == r.search(query, 1000)[:10]  # ids, texts and scores
+        assert r.batch_search([query], 1000)[0][:10] == top10
+
+
+@pytest.mark.parametrize("mode", ["rrf", "convex", "hybrid", "rerank"])
+def test_fused_modes_return_at_most_their_candidates(tiny_artifacts, mode):
+    r = retriever(tiny_artifacts, mode)
+    assert len(r.search(queries(tiny_artifacts, 1)[0], 1000)) <= 2 * FUSION_DEPTH
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_search_takes_a_list_and_equals_search(tiny_artifacts, mode):
+    r = retriever(tiny_artifacts, mode)
+    with pytest.raises(TypeError, match="list of queries"):
+        r.batch_search("what is the climate of oslo", 3)
+    with pytest.raises(TypeError, match="list of queries"):
+        r.searcher.batch_search("what is the climate of oslo", 3)  # the composed searcher refuses it too
+    qs = queries(tiny_artifacts)
+    assert r.batch_search(qs, 5) == [r.search(q, 5) for q in qs]
+    assert r.batch_search([], 5) == []
+
+
+def test_bad_input_errors(tiny_artifacts):
+    r = retriever(tiny_artifacts, "sparse")
+    for bad in (b"bytes", None, 3):
+        with pytest.raises(TypeError, match="query must be a str"):
+            r.search(bad, 3)
+    for blank in ("", "   \n\t"):
+        with pytest.raises(ValueError, match="empty"):
+            r.search(blank, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        r.search("oslo", 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        r.search("oslo", 2.5)
+    with pytest.raises(TypeError, match="query must be a str"):
+        r.batch_search(["oslo", None], 3)
+    with pytest.raises(ValueError, match="unknown mode"):
+        Retriever(mode="magic", artifacts_dir=tiny_artifacts.root)
+
+
+@pytest.mark.parametrize("query", ["x" * 100_000, "\x00\x07 control chars", "emoji 😀☕ coffee", 'a AND "b" : * ( c'])
+def test_odd_queries_are_searched_as_plain_text(tiny_artifacts, query):
+    results = retriever(tiny_artifacts, "hybrid").search(query, 3)
+    assert isinstance(results, list) and len(results) <= 3
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rerank"])
+def test_search_is_thread_safe(tiny_artifacts, mode):
+    r = retriever(tiny_artifacts, mode)
+    qs = list(tiny_artifacts.dev_queries.values())
+    sequential = [r.search(q, 10) for q in qs]
+    results: dict[int, list[Result]] = {}
+
+    def work(i: int) -> None:
+        results[i] = r.search(qs[i], 10)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(qs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(qs))] == sequential
+
+
+# ---- the artifact directory ---------------------------------------------------------------------------------------
+
+
+def test_paths_inside_the_directory_are_stored_relative_to_it(tiny_artifacts):
+    assert not tiny_artifacts.built_at.exists()  # the fixture renamed the directory after building it
+    settings = json.loads((tiny_artifacts.root / "rerank" / "settings.json").read_text())
+    assert settings["model_dir"] == "base_models/tiny-lm"
+    store = json.loads((tiny_artifacts.root / "passages" / "passage_store.json").read_text())
+    assert store["source"] == "../msmarco-subset/collection.tsv"
+    assert read_stage(tiny_artifacts.root, "dense_index")["index_dir"] == "dense_index/faiss"
+
+
+def test_a_copied_directory_gives_the_same_answers(tiny_artifacts, tmp_path):
+    copy = tmp_path / "elsewhere" / "artifacts"
+    shutil.copytree(tiny_artifacts.root, copy)
+    for mode in MODES:
+        moved = Retriever(mode=mode, artifacts_dir=copy)
+        assert moved.passages.source.is_relative_to(copy.resolve())
+        for query in queries(tiny_artifacts, 2):
+            assert moved.search(query, 10) == retriever(tiny_artifacts, mode).search(query, 10)
+        moved.close()
+
+
+@pytest.fixture
+def artifacts_copy(tiny_artifacts, tmp_path):
+    """A copy of the fixture's directory that a test may damage."""
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts.root, copy)
+    return copy
+
+
+def test_missing_artifacts_name_what_to_run(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist; run the pipeline"):
+        Retriever(artifacts_dir=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="stage 'data' has not been run"):
+        Retriever(artifacts_dir=tmp_path / "empty")
+
+
+def test_every_stage_records_the_fingerprints_of_what_it_read(tiny_artifacts):
+    for stage in ("data", "bm25", "dense_train", "dense_index", "fusion", "rerank"):
+        record = read_stage(tiny_artifacts.root, stage)
+        assert set(record["upstream"]) == set(UPSTREAM[stage])
+        for up, fingerprint in record["upstream"].items():
+            assert read_stage(tiny_artifacts.root, up)["inputs_fingerprint"] == fingerprint
+
+
+@pytest.mark.parametrize(("changed", "mode", "rerun"), [
+    ("bm25", "hybrid", "fusion"),  # fusion <- bm25
+    ("bm25", "rerank", "fusion"),  # rerank <- fusion <- bm25
+    ("fusion", "rerank", "rerank"),  # rerank <- fusion
+    ("data", "sparse", "bm25"),  # bm25 <- data
+    ("dense_train", "dense", "dense_index"),  # dense_index <- dense_train
+])
+def test_a_rebuilt_upstream_stage_makes_the_retriever_refuse(artifacts_copy, changed, mode, rerun):
+    record = read_stage(artifacts_copy, changed)
+    write_json_atomic(stage_dir(artifacts_copy, changed) / STAGE_FILE, {**record, "inputs_fingerprint": "rebuilt-since"})
+    with pytest.raises(ArtifactError, match=f"stage '{rerun}' .* from stage '{changed}'.*rerun the '{rerun}' stage"):
+        Retriever(mode=mode, artifacts_dir=artifacts_copy)
+
+
+def test_a_dense_index_from_another_model_is_refused(artifacts_copy):
+    record = read_stage(artifacts_copy, "dense_index")
+    write_json_atomic(artifacts_copy / "dense_index" / "stage.json", {**record, "model_fingerprint": "another-model"})
+    with pytest.raises(ArtifactError, match="dense_index"):
+        Retriever(mode="dense", artifacts_dir=artifacts_copy)
+
+
+# ---- rerank -------------------------------------------------------------------------------------------------------
+
+
+def test_the_reranker_is_a_searcher_over_the_hybrid_mode_built_from_the_stage_settings(tiny_artifacts):
+    searcher = retriever(tiny_artifacts, "rerank").searcher
+    assert isinstance(searcher, RerankingSearcher)
+    assert (searcher.depth, searcher.weight, searcher.time_budget_s) == (RERANK_DEPTH, None, RerankConfig().time_budget_s)
+    assert searcher.scorer.config.max_passage_tokens == 24
+    hybrid = retriever(tiny_artifacts, "hybrid")
+    for query in queries(tiny_artifacts):
+        a = [x.document_id for x in hybrid.search(query, 10)]
+        b = [x.document_id for x in retriever(tiny_artifacts, "rerank").search(query, 10)]
+        assert sorted(a[:RERANK_DEPTH]) == sorted(b[:RERANK_DEPTH]) and a[RERANK_DEPTH:] == b[RERANK_DEPTH:]
+
+
+def _write_rerank_settings(root, **changes):
+    path = root / "rerank" / "settings.json"
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({**settings, **changes}) if changes.get("enabled", True) else json.dumps(changes))
+
+
+def test_rerank_default_and_disabled_settings(artifacts_copy):
+    _write_rerank_settings(artifacts_copy, default=False)
+    assert Retriever(artifacts_dir=artifacts_copy).mode == "hybrid"
+    _write_rerank_settings(artifacts_copy, enabled=False)
+    assert Retriever(artifacts_dir=artifacts_copy).mode == "hybrid"
+    with pytest.raises(ArtifactError, match="rerank"):
+        Retriever(mode="rerank", artifacts_dir=artifacts_copy)
+
+
+def test_settings_written_before_the_time_budget_existed_get_the_default(artifacts_copy):
+    path = artifacts_copy / "rerank" / "settings.json"
+    settings = json.loads(path.read_text())
+    del settings["time_budget_s"]
+    path.write_text(json.dumps(settings))
+    assert Retriever(mode="rerank", artifacts_dir=artifacts_copy).searcher.time_budget_s == RerankConfig().time_budget_s
+
+
+def test_a_spent_time_budget_falls_back_to_the_fused_order_and_is_counted(tiny_artifacts, artifacts_copy):
+    _write_rerank_settings(artifacts_copy, time_budget_s=1e-9)  # nothing fits
+    starved = Retriever(mode="rerank", artifacts_dir=artifacts_copy)
+    hybrid = retriever(tiny_artifacts, "hybrid")
+    qs = queries(tiny_artifacts)
+    for query in qs:
+        assert starved.search(query, 10) == hybrid.search(query, 10)
+    stats = starved.searcher.budget_stats()
+    assert (stats.queries, stats.cut, stats.candidates_scored, stats.cut_rate) == (len(qs), len(qs), 0, 1.0)
+    roomy = retriever(tiny_artifacts, "rerank").searcher.budget_stats()  # 0.75 s for a tiny LM: never cut
+    assert roomy.queries > 0 and roomy.cut == 0
+
+
+def test_latency_benchmark_reports_percentiles_and_the_budget_cut_rate(artifacts_copy, tiny_artifacts):
+    from hybrid.benchmark import benchmark
+
+    _write_rerank_settings(artifacts_copy, time_budget_s=1e-9)
+    table, raw = benchmark(artifacts_copy, list(tiny_artifacts.dev_queries.values())[:6], k=10,
+                           modes=["hybrid", "dense", "rerank"], warmup=2)
+    assert "| p50 ms | p95 ms | p99 ms |" in table and "budget cut %" in table
+    assert "bm25-only (k=100)" in table and "hybrid (k=10)" in table and "rerank (k=10)" in table
+    assert raw["hybrid"]["n"] == 4 and "budget_cut_rate" not in raw["hybrid"]
+    assert raw["rerank"]["budget_cut_rate"] == 1.0 and "| 100.0 |" in table
+    assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])
+    assert any(name.startswith("rerank") for name in raw["breakdown_ms"]["rerank"])
+    assert "dense query encoding" in raw["breakdown_ms"]["dense"]
