@@ -3,6 +3,9 @@
 # $EXP_DIR/NAME, reruns the synthetic + dense (+ fusion) stages with config overrides, evaluates dev and DL19.
 # usage: scripts/ablation_run.sh NAME MODES OVERRIDE...   e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind="static"'
 set -euo pipefail
+usage="usage: scripts/ablation_run.sh NAME MODES OVERRIDE...  (e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind=\"static\"')"
+case ${1:-} in -h|--help) echo "$usage"; exit 0;; esac
+if [ $# -lt 2 ]; then echo "$usage" >&2; exit 2; fi
 cd "$(dirname "$0")/.."; . .venv/bin/activate
 export MSMARCO_DIR=${MSMARCO_DIR:?set MSMARCO_DIR}
 name=$1; modes=$2; shift 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hybrid.benchmark import benchmark
@@ -33,4 +34,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hybrid.scripting import run_script
+
+    sys.exit(run_script(main))

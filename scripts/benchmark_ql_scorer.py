@@ -12,6 +12,7 @@ only, 'pc' for per-channel weights), bf16 (bfloat16 weights), l<N> (early exit a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -94,4 +95,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hybrid.scripting import run_script
+
+    sys.exit(run_script(main))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import sys
 from pathlib import Path
 
 
@@ -105,4 +106,6 @@ class _Ranker:
 
 
 if __name__ == "__main__":
-    main()
+    from hybrid.scripting import run_script
+
+    sys.exit(run_script(main))

@@ -32,7 +32,7 @@ def read_config_section(spec: str) -> tuple[dict[str, Any], str]:
     data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     for key in filter(None, section.split(".")):
         if not isinstance(data.get(key), dict):
-            raise KeyError(f"{path} has no section [{section}] (missing {key!r})")
+            raise ValueError(f"{path} has no section [{section}] (missing {key!r})")
         data = data[key]
     # Nested tables are other sections (e.g. [dense.encoder] inside [dense]), not fields of this one.
     return {k: v for k, v in data.items() if not isinstance(v, dict)}, f"{path} [{section}]" if section else str(path)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         from hybrid.artifacts import artifacts_dir, stage_dir
 
-        args.out = stage_dir(artifacts_dir(), "dense_model")
+        args.out = stage_dir(artifacts_dir(), "dense_train")
     model_dir = train(
         encoder_config, train_config, records, passages, args.out, resume=args.resume,
         data_files=[s.path for s in sources], device=args.device,
@@ -81,4 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hybrid.scripting import run_script
+
+    sys.exit(run_script(main))
