@@ -147,6 +147,17 @@ def test_a_copied_directory_gives_the_same_answers(tiny_artifacts, tmp_path):
         moved.close()
 
 
+def test_absolute_paths_written_by_older_runs_are_still_read(tiny_artifacts, tmp_path):
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts.root, copy)
+    path = copy / "rerank" / "settings.json"
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({**settings, "model_dir": str((copy / settings["model_dir"]).resolve())}))
+    old = Retriever(mode="rerank", artifacts_dir=copy)
+    query = queries(tiny_artifacts, 1)[0]
+    assert old.search(query, 10) == retriever(tiny_artifacts, "rerank").search(query, 10)
+
+
 @pytest.fixture
 def artifacts_copy(tiny_artifacts, tmp_path):
     """A copy of the fixture's directory that a test may damage."""
