@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dense.corpus_encoding import EncodedCorpus, encode_corpus, read_pids
-from dense.interfaces import EncodingResumeError, IncompleteArtifactError, TextEncoder
+from dense.interfaces import EncodingResumeError, IncompleteArtifactError
 from dense_fakes import DIM, HashingEncoder, SimulatedKill
 
 FP16_ATOL = 2e-3  # unit vectors: float16 keeps ~3 decimal digits
@@ -25,10 +25,6 @@ def make_corpus(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def encode(encoder, corpus, out_dir, **kw):
     options = {"batch_size": 8, "shard_size": 20, "model_fingerprint": "model-a", "progress": False} | kw
     return encode_corpus(encoder, corpus, out_dir, **options)
-
-
-def test_fake_encoder_satisfies_protocol():
-    assert isinstance(HashingEncoder(), TextEncoder)
 
 
 def test_embeddings_equal_direct_encoding_in_corpus_order(tmp_path):
