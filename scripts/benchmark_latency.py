@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from dense.atomic import write_json_atomic
 from hybrid.benchmark import benchmark
 from hybrid.msmarco import read_queries
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     table, raw = benchmark(args.artifacts, queries, args.k, args.modes.split(","), args.warmup)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps(raw, indent=2))
+        write_json_atomic(args.json, raw)
 
 
 if __name__ == "__main__":

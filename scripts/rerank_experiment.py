@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from dense.atomic import write_text_atomic
     from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
     from hybrid.artifacts import artifacts_dir, smollm2_dir, stage_dir
     from hybrid.evaluation import read_trec_run
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         rel_level=args.rel_level, max_queries=args.max_queries,
     )
     path = out / f"rerank.{args.base}.{args.name}.{cache.path.stem.rsplit('.', 1)[-1]}.md"
-    path.write_text(report.table + "\n")
+    write_text_atomic(path, report.table + "\n")
     print(report.table)
 
 
