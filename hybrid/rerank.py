@@ -25,6 +25,8 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from dense.atomic import write_text_atomic
+
 Ranking = list[tuple[str, float]]
 
 
@@ -102,7 +104,7 @@ class PairScoreCache:
                     self.scores[(rec["qid"], rec["pid"])] = float(rec["score"])
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"scorer": scorer_key}) + "\n", encoding="utf-8")
+            write_text_atomic(self.path, json.dumps({"scorer": scorer_key}) + "\n")
 
     def get(self, qid: str, pids: Sequence[str]) -> np.ndarray | None:
         try:

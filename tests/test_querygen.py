@@ -337,8 +337,36 @@ def test_run_llm_end_to_end_writes_manifest_and_resumes(tiny_model_dir: Path, tm
     run_llm(out, inputs, passages, tiny_model_dir, None, gen, PromptConfig(num_examples=2), sanity,
             own_passage_first, k=1)
     again = json.loads((out / "manifest.json").read_text())
-    assert again["counts"]["newly_generated_passages"] == 0 and again["counts"]["cached_passages"] == 3
+    assert again["counts"]["newly_generated_passages"] == 0 and again["counts"]["generated_passages"] == 3
     assert read_training_records(out / "train.jsonl") == rows
+
+    # cached_only: a fourth passage is counted as not yet generated, and nothing is generated
+    more = {**passages, "p2": PASSAGES["p2"]}
+    run_llm(out, inputs, more, tiny_model_dir, None, gen, PromptConfig(num_examples=2), sanity,
+            own_passage_first, k=1, cached_only=True)
+    partial = json.loads((out / "manifest.json").read_text())["counts"]
+    assert partial["generated_passages"] == 3 and partial["not_yet_generated_passages"] == 1
+    assert partial["newly_generated_passages"] == 0
+
+
+def test_run_llm_prefix_engine_keeps_heldout_queries_out_of_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dense.querygen.generator import GenerationConfig
+    from dense.querygen.pipeline import StageInputs, run_llm
+
+    collection, queries, qrels, dev = _write_inputs(tmp_path)
+    inputs = StageInputs(collection, queries, qrels, (dev,))
+    out = tmp_path / "synthetic"
+    gen = GenerationConfig(max_new_tokens=5, batch_size=2)
+    run_llm(out, inputs, {pid: PASSAGES[pid] for pid in ("p1", "p5")}, tiny_model_dir, None, gen,
+            PromptConfig(num_examples=2, num_prefixes=2), SanityFilterConfig(min_words=1), exclude_qids={"101"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["engine"] == "prefix-cached-v1"
+    assert manifest["fewshot_qids"] == ["102", "103", "104"] and manifest["excluded_fewshot_qids"] == ["101"]
+    used = {q for group in manifest["generation"]["prompt"]["prefix_example_qids"] for q in group}
+    assert used and "101" not in used
+    cache_lines = [json.loads(line) for line in (out / "cache" / "generation.jsonl").read_text().splitlines()]
+    assert all("101" not in line["example_qids"] and line["seconds"] >= 0 for line in cache_lines)
+    assert manifest["generation_seconds"] >= 0 and manifest["counts"]["generated_passages"] == 2
 
 
 def test_cli_crop(tmp_path: Path) -> None:
@@ -377,3 +405,136 @@ def test_real_train_examples_exclude_dev_and_dl() -> None:
     forbidden = ForbiddenQueries.from_files(forbid)
     assert len(examples) == 383 and len({e.qid for e in examples}) == 369
     PromptBuilder(examples, PromptConfig(), forbidden)  # raises if any train example is a dev/DL query
+
+
+# ---------------------------------------------------------------- prefix-cached generation (E12)
+
+def _prefix_generator(model_dir: Path, batch_size: int = 4, n: int = 1, do_sample: bool = True,
+                      max_new_tokens: int = 6):
+    from dense.querygen.generator import GenerationConfig
+    from dense.querygen.prefix_generator import PrefixCachedGenerator
+
+    builder = PromptBuilder(EXAMPLES, PromptConfig(num_examples=2, max_passage_tokens=12, num_prefixes=2),
+                            ForbiddenQueries(qids=frozenset({"999"})))
+    config = GenerationConfig(do_sample=do_sample, max_new_tokens=max_new_tokens, num_queries_per_passage=n,
+                              batch_size=batch_size, seed=1)
+    return PrefixCachedGenerator(model_dir, builder, config=config, device="cpu")
+
+
+def test_prompt_parts_join_to_the_whole_prompt_and_share_prefixes(tiny_model_dir: Path) -> None:
+    gen = _prefix_generator(tiny_model_dir)
+    tok = gen.tokenizer
+    prefixes = set()
+    for pid, text in PASSAGES.items():
+        parts = gen.prompt.render_parts(pid, text, tok)
+        whole, qids = gen.prompt.render(pid, text, tok)
+        assert parts.prefix + parts.suffix == whole and parts.example_qids == qids
+        ids = tok(parts.prefix, add_special_tokens=False)["input_ids"] + tok(parts.suffix, add_special_tokens=False)[
+            "input_ids"]
+        assert ids == tok(whole, add_special_tokens=False)["input_ids"]
+        # a passage is never its own example
+        assert pid not in {e.pid for e in gen.prompt.examples_for(pid)}
+        prefixes.add(parts.prefix)
+    # passages share one of the two fixed example sets, except one that is an example in both (its own draw)
+    ids = [gen.prompt.prefix_id(pid) for pid in PASSAGES]
+    own = [pid for pid, i in zip(PASSAGES, ids) if i == -1]
+    assert 0 < len(own) < len(PASSAGES)
+    assert all(any(e.pid == pid for e in group) for pid in own for group in gen.prompt._prefix_sets)
+    assert len(prefixes) == len({i for i in ids if i >= 0}) + len(own)
+
+
+def test_prefix_cached_greedy_equals_generate_on_whole_prompts(tiny_model_dir: Path) -> None:
+    from dense.querygen.generator import QueryGenerator
+
+    gen = _prefix_generator(tiny_model_dir, do_sample=False)
+    passages = list(PASSAGES.items())
+    ours = {r.pid: r for r in gen.generate(passages)}
+    # the same prompts through transformers' generate(), one passage at a time (no padding at all)
+    ref = QueryGenerator(tiny_model_dir, gen.prompt, config=gen.config, device="cpu")
+    ref.model = gen.model
+    for pid, text in passages:
+        expected = ref.generate_batch([(pid, text)])[0].raw[0]
+        got = ours[pid].raw[0]
+        # ours stops at end of turn / end of line; generate() runs on to max_new_tokens
+        assert expected.split()[:len(got.split())] == got.split(), (pid, got, expected)
+        assert got.split(), pid
+
+
+def test_prefix_cached_samples_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
+    passages = list(PASSAGES.items())
+    one_batch = {r.pid: r.raw for r in _prefix_generator(tiny_model_dir, batch_size=8, n=2).generate(passages)}
+    singles = {r.pid: r.raw for r in _prefix_generator(tiny_model_dir, batch_size=1, n=2).generate(passages[::-1])}
+    assert one_batch == singles
+    assert all(len(raw) == 2 for raw in one_batch.values())
+    other_seed = _prefix_generator(tiny_model_dir, batch_size=8, n=2)
+    object.__setattr__(other_seed.config, "seed", 2)
+    assert {r.pid: r.raw for r in other_seed.generate(passages)} != one_batch
+
+
+def test_prefix_cached_resumes_from_cache_after_a_kill(tiny_model_dir: Path, tmp_path: Path) -> None:
+    gen = _prefix_generator(tiny_model_dir, batch_size=2)
+    passages = list(PASSAGES.items())
+    cache_path = tmp_path / "cache.jsonl"
+    real, calls = gen.generate_rows, []
+
+    def dies_on_second(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(batch)
+
+    gen.generate_rows = dies_on_second
+    with pytest.raises(KeyboardInterrupt):
+        list(gen.generate(passages, QueryCache(cache_path, gen.fingerprint())))
+    first = calls[0]
+    assert len(QueryCache(cache_path, gen.fingerprint())) == first  # the batch before the kill is durable
+    calls.clear()
+    gen.generate_rows = lambda batch: calls.append(len(batch)) or real(batch)
+    records = list(gen.generate(passages, QueryCache(cache_path, gen.fingerprint())))
+    assert sum(calls) == len(PASSAGES) - first and sorted(r.pid for r in records) == sorted(PASSAGES)
+    # the old engine's cache lines are not mistaken for this engine's
+    assert gen.fingerprint() != _generator(tiny_model_dir).fingerprint()
+
+
+def test_prefix_generator_needs_fixed_example_sets(tiny_model_dir: Path) -> None:
+    from dense.querygen.prefix_generator import PrefixCachedGenerator
+
+    builder = PromptBuilder(EXAMPLES, PromptConfig(num_examples=2), ForbiddenQueries(qids=frozenset({"9"})))
+    with pytest.raises(ValueError, match="num_prefixes"):
+        PrefixCachedGenerator(tiny_model_dir, builder, device="cpu")
+
+
+def test_forbidden_queries_cover_every_evaluation_split_ignoring_case_and_punctuation(tmp_path: Path) -> None:
+    (tmp_path / "queries.train.tsv").write_text("1\twhat is a train query\n")
+    (tmp_path / "queries.dev.tsv").write_text("2\tWhat is metformin?\n")
+    (tmp_path / "queries.dl19.tsv").write_text("3\thow long is a marathon\n")
+    (tmp_path / "queries.dl20.tsv").write_text("4\tcarbon steel: made of what\n")
+    (tmp_path / "queries.heldout-extra.tsv").write_text("5\tlauri name meaning\n")
+    forbidden = ForbiddenQueries.from_data_dir(tmp_path)
+    assert forbidden.qids == {"2", "3", "4", "5"}
+    assert forbidden.why_forbidden("x", "what is METFORMIN") is not None
+    assert forbidden.why_forbidden("x", "Carbon steel made of what?!") is not None
+    assert forbidden.why_forbidden("x", "lauri, name; meaning.") is not None
+    assert forbidden.why_forbidden("1", "what is a train query") is None
+    assert SanityFilters(SanityFilterConfig(), forbidden.texts).apply(
+        [QueryPair("q", "How long is a marathon?", "p6", "llm")], PASSAGES)[1].dropped("equals_forbidden_query") == 1
+    (tmp_path / "queries.dev.tsv").unlink(), (tmp_path / "queries.dl19.tsv").unlink()
+    (tmp_path / "queries.dl20.tsv").unlink(), (tmp_path / "queries.heldout-extra.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="evaluation query"):
+        ForbiddenQueries.from_data_dir(tmp_path)
+
+
+def test_fewshot_examples_leave_out_the_heldout_queries(tmp_path: Path) -> None:
+    from dense.querygen.pipeline import StageInputs, fewshot_examples
+    from dense.splits import holdout_split
+
+    (tmp_path / "collection.tsv").write_text("".join(f"{p}\t{t}\n" for p, t in PASSAGES.items()))
+    (tmp_path / "queries.train.tsv").write_text("".join(f"{e.qid}\t{e.query}\n" for e in EXAMPLES))
+    (tmp_path / "qrels.train.txt").write_text("".join(f"{e.qid} 0 {e.pid} 1\n" for e in EXAMPLES))
+    inputs = StageInputs(tmp_path / "collection.tsv", tmp_path / "queries.train.tsv", tmp_path / "qrels.train.txt")
+    train, held = holdout_split([e.qid for e in EXAMPLES], 2, seed=13)
+    assert len(held) == 2 and not set(train) & set(held) and sorted(train + held) == sorted(e.qid for e in EXAMPLES)
+    assert holdout_split(reversed([e.qid for e in EXAMPLES]), 2, seed=13) == (train, held)
+    assert sorted(e.qid for e in fewshot_examples(inputs, held)) == train
+    with pytest.raises(ValueError, match="no few-shot example"):
+        fewshot_examples(inputs, [e.qid for e in EXAMPLES])

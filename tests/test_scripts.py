@@ -15,8 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
-# Scripts owned by the query-generation work, not yet ending through hybrid.scripting.run_script.
-NOT_YET_WRAPPED = {"generate_queries.py", "benchmark_querygen.py"}
 
 
 def run_script(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -72,12 +70,7 @@ def test_every_script_has_a_smoke_case() -> None:
     assert sorted(CASES) == SCRIPTS
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.xfail(reason="owned by the query-generation session; its __main__ does not "
-                                                   "use hybrid.scripting.run_script yet", strict=False))
-    if s in NOT_YET_WRAPPED else s
-    for s in sorted(CASES)
-])
+@pytest.mark.parametrize("script", sorted(CASES))
 def test_missing_inputs_are_one_line_and_a_nonzero_exit(script: str, tmp_path: Path, tiny_msmarco_dir: Path) -> None:
     args, missing = CASES[script](tmp_path, tiny_msmarco_dir)
     result = run_script(script, args, {"HYBRID_ARTIFACTS": str(tmp_path / "no-artifacts"),

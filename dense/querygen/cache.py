@@ -26,12 +26,17 @@ class CacheCorruptError(ValueError):
 class QueryCache:
     """Generated queries for one generation fingerprint, backed by an append-only JSONL file."""
 
-    def __init__(self, path: str | Path, fingerprint: str):
+    def __init__(self, path: str | Path, fingerprint: str, read_only: bool = False):
+        """``read_only``: for a reader beside a running generator (an export of what is done so far): a torn last
+        line is skipped instead of truncated, since it may be a line the writer is still writing."""
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self.read_only = read_only
         self._records: dict[str, GeneratedQueries] = {}
         self.num_other_fingerprints = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.generation_seconds = 0.0  # model time spent on this fingerprint's lines, summed over sittings
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._load()
         if self._records:
@@ -52,6 +57,8 @@ class QueryCache:
                         raise ValueError("line has no terminating newline")
                     obj = json.loads(line)
                 except ValueError as e:
+                    if self.read_only and (is_last or all(not rest.strip() for rest in lines[i + 1:])):
+                        return
                     if is_last or all(not rest.strip() for rest in lines[i + 1:]):
                         logger.warning(
                             "cache %s: torn last line at byte %d (%s), probably from a killed run; truncating it",
@@ -80,6 +87,7 @@ class QueryCache:
             example_qids=tuple(obj.get("example_qids", ())),
         )
         self._records[rec.pid] = rec
+        self.generation_seconds += float(obj.get("seconds", 0.0))
 
     def __contains__(self, pid: object) -> bool:
         return pid in self._records
@@ -95,14 +103,19 @@ class QueryCache:
         """All cached records of this fingerprint, in the order they were generated."""
         return iter(list(self._records.values()))
 
-    def append(self, records: Iterable[GeneratedQueries]) -> None:
-        """Append one batch durably (one write, flush, fsync)."""
+    def append(self, records: Iterable[GeneratedQueries], seconds: float | None = None) -> None:
+        """Append one batch durably (one write, flush, fsync); ``seconds``: the batch's model time, recorded as an
+        equal share per line so throughput can be reported over every sitting."""
+        if self.read_only:
+            raise PermissionError(f"cache {self.path} was opened read-only")
         records = list(records)
         if not records:
             return
+        share = {"seconds": round(seconds / len(records), 4)} if seconds is not None else {}
         payload = "".join(
             json.dumps({"fingerprint": self.fingerprint, "pid": r.pid, "queries": list(r.queries),
-                        "raw": list(r.raw), "example_qids": list(r.example_qids)}, ensure_ascii=False) + "\n"
+                        "raw": list(r.raw), "example_qids": list(r.example_qids), **share},
+                       ensure_ascii=False) + "\n"
             for r in records
         )
         with self.path.open("a", encoding="utf-8") as f:
@@ -111,3 +124,4 @@ class QueryCache:
             os.fsync(f.fileno())
         for r in records:
             self._records[r.pid] = r
+        self.generation_seconds += seconds or 0.0

@@ -200,9 +200,10 @@ class QueryGenerator:
 
         def flush() -> list[GeneratedQueries]:
             nonlocal new_passages, new_queries
+            batch_start = time.perf_counter()
             records = self.generate_batch(pending)
             if cache is not None:
-                cache.append(records)
+                cache.append(records, seconds=time.perf_counter() - batch_start)
             new_passages += len(records)
             new_queries += sum(len(r.queries) for r in records)
             bar.update(len(records))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from dense.querygen.crop import CropConfig, crop_pairs
 from dense.querygen.data import iter_tsv, read_collection_pids, read_qrels, read_tsv, sample_pids, train_examples
 from dense.querygen.filters import BatchSearch, FilterReport, SanityFilterConfig, SanityFilters, consistency_filter
 from dense.querygen.output import file_sha256, llm_pairs, write_output
-from dense.querygen.prompt import ForbiddenQueries, PromptBuilder, PromptConfig
+from dense.querygen.prompt import FewShotExample, ForbiddenQueries, PromptBuilder, PromptConfig
 from dense.querygen.records import QueryPair
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,20 @@ def select_passages(collection: Path, max_passages: int | None, sample_seed: int
     """``{pid: text}`` of ``max_passages`` passages sampled by ``sample_seed`` (all when ``None``), in file order."""
     chosen = set(sample_pids(read_collection_pids(collection), max_passages, sample_seed))
     return {pid: text for pid, text in iter_tsv(collection) if pid in chosen}
+
+
+def fewshot_examples(inputs: StageInputs, exclude_qids: Collection[str] = ()) -> list[FewShotExample]:
+    """Real train pairs with their positive in the collection, minus ``exclude_qids`` (the held-out queries)."""
+    if inputs.train_queries is None or inputs.train_qrels is None:
+        raise ValueError("few-shot examples need train queries and qrels")
+    # Few-shot positives may lie outside the sampled passages: read just those from the collection.
+    positives = {pid for pids in read_qrels(inputs.train_qrels).values() for pid in pids}
+    pool = read_tsv(inputs.collection, ids=positives)
+    excluded = set(exclude_qids)
+    examples = [e for e in train_examples(pool, inputs.train_queries, inputs.train_qrels) if e.qid not in excluded]
+    if not examples:
+        raise ValueError("no few-shot example is left after excluding the held-out train queries")
+    return examples
 
 
 def _versions() -> dict[str, str]:
@@ -90,8 +105,15 @@ def run_llm(
     search: BatchSearch | None = None,
     k: int = 20,
     extra_manifest: Mapping[str, Any] | None = None,
+    exclude_qids: Collection[str] = (),
+    cached_only: bool = False,
 ) -> FilterReport:
-    """Generate queries for ``passages`` with an LM (resuming from ``out_dir/cache``), filter, write the stage."""
+    """Generate queries for ``passages`` with an LM (resuming from ``out_dir/cache``), filter, write the stage.
+
+    Passages are generated in a ``generation.seed``-shuffled order, so what a long run has finished at any moment is
+    a random sample of them. ``exclude_qids``: train queries that must not be few-shot examples (the held-out
+    selection queries). ``cached_only``: generate nothing; filter and write what the cache holds so far (safe
+    beside a generator still writing to it), counting the rest as not yet generated."""
     from dense.querygen.cache import QueryCache
     from dense.querygen.generator import QueryGenerator
 
@@ -99,26 +121,38 @@ def run_llm(
         raise ValueError("run_llm needs train queries and qrels for the few-shot examples")
     start = time.perf_counter()
     forbidden = ForbiddenQueries.from_files(inputs.forbid_queries)
-    # Few-shot positives may lie outside the sampled passages: read just those from the collection.
-    positives = {pid for pids in read_qrels(inputs.train_qrels).values() for pid in pids}
-    pool = read_tsv(inputs.collection, ids=positives)
-    builder = PromptBuilder(train_examples(pool, inputs.train_queries, inputs.train_qrels), prompt, forbidden)
-    generator = QueryGenerator(model, builder, gguf_file=gguf_file, config=generation)
-    cache = QueryCache(Path(out_dir) / CACHE_FILE, generator.fingerprint())
-    gen_start = time.perf_counter()
-    records = list(generator.generate(list(passages.items()), cache))
-    gen_seconds = time.perf_counter() - gen_start
+    examples = fewshot_examples(inputs, exclude_qids)
+    builder = PromptBuilder(examples, prompt, forbidden)
+    if prompt.num_prefixes:
+        from dense.querygen.prefix_generator import PrefixCachedGenerator
+
+        generator: QueryGenerator = PrefixCachedGenerator(model, builder, gguf_file=gguf_file, config=generation)
+    else:
+        generator = QueryGenerator(model, builder, gguf_file=gguf_file, config=generation)
+    cache = QueryCache(Path(out_dir) / CACHE_FILE, generator.fingerprint(), read_only=cached_only)
+    order = sorted(passages.items())
+    random.Random(f"{generation.seed}:order").shuffle(order)
+    if cached_only:
+        records = [r for pid, _ in order if (r := cache.get(pid)) is not None]
+    else:
+        records = list(generator.generate(order, cache))
     pairs = list(llm_pairs(records))
     kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k)
     manifest = {
         "stage": "synthetic", "generator": "llm", "model": str(model), "gguf_file": gguf_file,
+        "model_sha256": file_sha256(Path(model) / gguf_file) if gguf_file else None,
         "generation": generator.describe(), "seed": generation.seed,
+        "fewshot_qids": sorted({e.qid for e in builder.examples}),
+        "excluded_fewshot_qids": sorted(set(exclude_qids)),
         "filters": report.to_dict(), "inputs": inputs.describe(), "versions": _versions(),
-        "counts": {"passages": len(passages), "generated_queries": len(pairs), "kept_pairs": len(kept),
-                   "newly_generated_passages": generator.last_stats.get("new_passages", 0),
-                   "cached_passages": len(passages) - generator.last_stats.get("new_passages", 0)},
-        "seconds": time.perf_counter() - start, "generation_seconds": gen_seconds,
-        "queries_per_s": generator.last_stats.get("queries_per_s", 0.0),
+        "counts": {"passages": len(passages), "generated_passages": len(records),
+                   "not_yet_generated_passages": len(passages) - len(records),
+                   "generated_queries": len(pairs), "kept_pairs": len(kept),
+                   "newly_generated_passages": generator.last_stats.get("new_passages", 0)},
+        "seconds": time.perf_counter() - start,
+        # model time of every record, summed over the sittings that made them (the cache records it per line)
+        "generation_seconds": round(cache.generation_seconds, 1),
+        "queries_per_s": len(pairs) / cache.generation_seconds if cache.generation_seconds else None,
         **(extra_manifest or {}),
     }
     write_output(out_dir, kept, manifest)

@@ -8,6 +8,7 @@ resumed run builds the same prompt for the same passage whatever the order or su
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,9 +55,13 @@ class FewShotExample:
     passage: str
 
 
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+
 def normalize_query(text: str) -> str:
-    """Lower-case, whitespace-collapsed form used to compare queries (forbidden texts, de-duplication)."""
-    return " ".join(text.lower().split())
+    """Lower-case words without punctuation, single-spaced: the form queries are compared in (forbidden texts,
+    de-duplication), so ``"What is X?"`` and ``"what is x"`` count as the same query."""
+    return " ".join(_WORDS.findall(text.lower()))
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,18 @@ class ForbiddenQueries:
                 raise ValueError(f"forbidden-query file {path} has no queries; pass the dev/DL queries.<split>.tsv")
         return cls(qids=frozenset(sources), texts=frozenset(texts), sources=sources)
 
+    @classmethod
+    def from_data_dir(cls, data_dir: str | Path, train_split: str = "train") -> ForbiddenQueries:
+        """Every query file of a canonical data directory except the train split's: ``queries.dev.tsv``,
+        ``queries.dl19.tsv``, ``queries.dl20.tsv`` and any other evaluation split it holds."""
+        paths = evaluation_query_files(data_dir, train_split)
+        if not paths:
+            raise FileNotFoundError(
+                f"{data_dir} has no evaluation query file (queries.<split>.tsv other than queries.{train_split}.tsv); "
+                "the leak guard needs the dev/DL queries"
+            )
+        return cls.from_files(paths)
+
     def why_forbidden(self, qid: str, query: str) -> str | None:
         """A reason when ``(qid, query)`` is forbidden, else ``None``."""
         if qid in self.qids:
@@ -96,6 +113,11 @@ class ForbiddenQueries:
         return len(self.qids)
 
 
+def evaluation_query_files(data_dir: str | Path, train_split: str = "train") -> list[Path]:
+    """``queries.<split>.tsv`` files of ``data_dir`` for every split but ``train_split``, sorted."""
+    return sorted(p for p in Path(data_dir).glob("queries.*.tsv") if p.name != f"queries.{train_split}.tsv")
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """How prompts are built. ``template="auto"`` picks ``chat`` when the tokenizer has a chat template."""
@@ -106,6 +128,10 @@ class PromptConfig:
     max_query_tokens: int = 32
     seed: int = 0
     instruction: str = DEFAULT_INSTRUCTION
+    # 0: every passage gets its own (seed, pid)-seeded example draw. N > 0: N fixed example sets, each passage shown
+    # one of them (chosen by (seed, pid)), so the prompt text before the passage is shared by many passages and its
+    # keys/values can be computed once (PrefixCachedGenerator).
+    num_prefixes: int = 0
 
     def __post_init__(self) -> None:
         if self.template not in ("auto", "chat", "plain"):
@@ -115,6 +141,22 @@ class PromptConfig:
                 raise ValueError(f"PromptConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_examples < 0:
             raise ValueError(f"PromptConfig.num_examples must be >= 0, got {self.num_examples}")
+        if self.num_prefixes < 0:
+            raise ValueError(f"PromptConfig.num_prefixes must be >= 0, got {self.num_prefixes}")
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """One passage's prompt split where the passage starts: ``prefix + suffix`` is the whole prompt.
+
+    ``prefix`` (system turn, instruction, few-shot turns, up to ``Passage:``) is the same for every passage with the
+    same ``prefix_id``; ``suffix`` is the passage and the turn that asks for the query.
+    """
+
+    prefix: str
+    suffix: str
+    example_qids: tuple[str, ...]
+    prefix_id: int
 
 
 class PromptBuilder:
@@ -150,10 +192,36 @@ class PromptBuilder:
         self.num_forbidden = len(forbidden)
 
     def examples_for(self, pid: str) -> list[FewShotExample]:
-        """The few-shot examples shown for passage ``pid``: a ``(seed, pid)``-seeded sample, never ``pid`` itself."""
+        """The few-shot examples shown for passage ``pid``: a ``(seed, pid)``-seeded sample (or, with
+        ``num_prefixes``, one of the fixed example sets), never ``pid`` itself."""
+        prefix_id = self.prefix_id(pid)
+        if prefix_id >= 0:
+            return list(self._prefix_sets[prefix_id])
         pool = [e for e in self.examples if e.pid != pid]
         n = min(self.config.num_examples, len(pool))
         return random.Random(f"{self.config.seed}:{pid}").sample(pool, n)
+
+    @functools.cached_property
+    def _prefix_sets(self) -> tuple[tuple[FewShotExample, ...], ...]:
+        n = min(self.config.num_examples, len(self.examples))
+        return tuple(
+            tuple(random.Random(f"{self.config.seed}:prefix:{i}").sample(self.examples, n))
+            for i in range(self.config.num_prefixes)
+        )
+
+    def prefix_id(self, pid: str) -> int:
+        """Which fixed example set passage ``pid`` is shown: a ``(seed, pid)`` hash, moved on to the next set when the
+        drawn one holds ``pid`` itself as an example; -1 (a draw of its own) when every set does, or when
+        ``num_prefixes`` is 0."""
+        if not self.config.num_prefixes:
+            return -1
+        digest = hashlib.sha256(f"{self.config.seed}:{pid}".encode()).digest()
+        first = int.from_bytes(digest[:8], "big") % self.config.num_prefixes
+        for step in range(self.config.num_prefixes):
+            i = (first + step) % self.config.num_prefixes
+            if all(e.pid != pid for e in self._prefix_sets[i]):
+                return i
+        return -1
 
     def resolve_template(self, tokenizer: PromptTokenizer) -> Literal["chat", "plain"]:
         """``chat`` or ``plain``: what ``auto`` means for this tokenizer."""
@@ -178,6 +246,16 @@ class PromptBuilder:
             text = _render_plain(self.config.instruction, shots, target)
         return text, tuple(e.qid for e in examples)
 
+    def render_parts(self, pid: str, passage: str, tokenizer: PromptTokenizer) -> PromptParts:
+        """:meth:`render`, split where the passage starts (the prefix ends with ``Passage:``, so tokenizing the two
+        parts apart gives the same tokens as tokenizing the whole prompt)."""
+        text, qids = self.render(pid, _MARKER, tokenizer)
+        before, sep, after = text.partition(" " + _MARKER)
+        if not sep or _MARKER in after:
+            raise ValueError("the prompt template does not contain the passage exactly once")
+        target = _one_line(_truncate(passage, self.config.max_passage_tokens, tokenizer))
+        return PromptParts(before, " " + target + after, qids, self.prefix_id(pid))
+
     def describe(self) -> dict[str, Any]:
         """Manifest entry: the settings and every example id that may appear in a prompt."""
         return {
@@ -185,6 +263,8 @@ class PromptBuilder:
             "example_qids": sorted({e.qid for e in self.examples}),
             "example_pairs": [[e.qid, e.pid] for e in self.examples],
             "num_forbidden_queries": self.num_forbidden,
+            **({"prefix_example_qids": [[e.qid for e in group] for group in self._prefix_sets]}
+               if self.config.num_prefixes else {}),
         }
 
     def fingerprint(self) -> str:
@@ -196,7 +276,12 @@ class PromptBuilder:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+_MARKER = "\x00PASSAGE\x00"
+
+
 def _truncate(text: str, max_tokens: int, tokenizer: PromptTokenizer) -> str:
+    if text == _MARKER:
+        return text
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) <= max_tokens:
         return text

@@ -1,0 +1,102 @@
+"""The committed synthetic training set: which train queries its prompts must not use, and the checks a run makes
+before it trains on a precomputed file.
+
+A precomputed file (``data/synthetic/*.jsonl`` with its manifest) is generated once, slowly, and reused by every
+``make run``; so the run re-checks it rather than trusting it: its checksum, that no query in it equals an
+evaluation query of the data directory (after case and punctuation are stripped), and that none of its prompts
+used a held-out train query as a few-shot example.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dense.querygen.output import file_sha256, read_training_records
+from dense.querygen.prompt import ForbiddenQueries
+from dense.splits import holdout_split
+from hybrid.msmarco import MsMarcoDir, read_collection
+
+
+class SyntheticDataError(ValueError):
+    """A precomputed synthetic file fails a check (checksum, leak, held-out example)."""
+
+
+def usable_train_qids(data: MsMarcoDir, train_split: str = "train") -> list[str]:
+    """Train queries with a judged-relevant passage in the collection (the only ones with supervision here)."""
+    pids = {pid for pid, _ in read_collection(data.collection_path, check_duplicates=False)}
+    queries = data.queries(train_split)
+    qrels = data.qrels(train_split, queries)
+    return sorted(q for q, judged in qrels.items() if q in queries and any(g > 0 and p in pids
+                                                                           for p, g in judged.items()))
+
+
+def heldout_train_qids(config_path: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
+    """The held-out train queries of a pipeline config on ``data_dir`` (its seed and ``fusion.holdout_queries``)."""
+    from hybrid.config import load_config
+
+    config = load_config(config_path)
+    usable = usable_train_qids(MsMarcoDir(Path(data_dir)), config.data.train_split)
+    return holdout_split(usable, config.fusion.holdout_queries, config.seed)[1]
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_precomputed(path: str | os.PathLike) -> Path:
+    """A config's ``synthetic.precomputed``: absolute as given, relative to the repository otherwise."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def verify_precomputed(path: str | os.PathLike, expected_sha256: str, forbidden: ForbiddenQueries,
+                       heldout_qids: set[str] | frozenset[str]) -> dict:
+    """Check a precomputed records file before training on it; returns its manifest (``<stem>.manifest.json``).
+
+    Raises :class:`SyntheticDataError` naming the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise SyntheticDataError(f"synthetic.precomputed = {str(path)!r} does not exist")
+    actual = file_sha256(path)
+    if expected_sha256 and actual != expected_sha256:
+        raise SyntheticDataError(
+            f"{path}: sha256 {actual} but the config expects {expected_sha256}; restore the committed file "
+            "(git checkout) or, if it was regenerated on purpose, put the new checksum in synthetic.precomputed_sha256"
+        )
+    for line_no, rec in enumerate(read_training_records(path), 1):
+        reason = forbidden.why_forbidden(str(rec["qid"]), rec["query"])
+        if reason:
+            raise SyntheticDataError(f"{path}:{line_no}: query {rec['query']!r} may not be trained on: {reason}")
+    manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    # manifests written before "fewshot_qids" existed list every example the prompts could draw from here
+    used = set(manifest.get("fewshot_qids", manifest.get("generation", {}).get("prompt", {}).get("example_qids", ())))
+    leaked = sorted(used & set(heldout_qids))
+    if leaked:
+        raise SyntheticDataError(
+            f"{manifest_path}: the prompts used {len(leaked)} held-out train queries as few-shot examples "
+            f"(e.g. {leaked[:3]}); regenerate with those excluded (make synthetic)"
+        )
+    return manifest
+
+
+def publish(stage_dir: str | os.PathLike, target: str | os.PathLike) -> tuple[Path, Path]:
+    """Copy a synthetic stage's ``train.jsonl`` to ``target`` (``*.jsonl``) and its manifest, with the records'
+    sha256 added, to ``<target stem>.manifest.json``; both written atomically. Returns the two paths."""
+    from dense.atomic import copy_file_atomic, write_json_atomic
+    from dense.querygen.output import MANIFEST_FILE, TRAIN_FILE
+
+    stage_dir, target = Path(stage_dir), Path(target)
+    if target.suffix != ".jsonl":
+        raise ValueError(f"publish target {target} must end in .jsonl")
+    manifest = json.loads((stage_dir / MANIFEST_FILE).read_text())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copy_file_atomic(stage_dir / TRAIN_FILE, target)
+    manifest_path = target.with_name(target.name.removesuffix(".jsonl") + ".manifest.json")
+    write_json_atomic(manifest_path, {**manifest, "records_file": target.name, "records_sha256": file_sha256(target)})
+    return target, manifest_path
+
+
+__all__ = ["SyntheticDataError", "heldout_train_qids", "publish", "resolve_precomputed", "usable_train_qids",
+           "verify_precomputed"]

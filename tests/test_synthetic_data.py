@@ -1,0 +1,83 @@
+"""The committed synthetic set is checked before training: checksum, evaluation-query leaks, held-out examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dense.querygen.cache import QueryCache
+from dense.querygen.output import file_sha256
+from dense.querygen.prompt import ForbiddenQueries
+from dense.querygen.records import GeneratedQueries
+from hybrid.synthetic_data import SyntheticDataError, publish, verify_precomputed
+
+
+def _records(path: Path, queries: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"qid": f"llm-{i}-0", "query": q, "positives": [str(i)], "negatives": [],
+                                        "source": "llm"}) + "\n" for i, q in enumerate(queries)))
+    return path
+
+
+FORBIDDEN = ForbiddenQueries(qids=frozenset({"7"}), texts=frozenset({"what is metformin"}))
+
+
+def test_verify_accepts_clean_data_and_checks_the_checksum(tmp_path: Path) -> None:
+    path = _records(tmp_path / "set.jsonl", ["how long is a marathon", "carbon steel contents"])
+    (tmp_path / "set.manifest.json").write_text(json.dumps({"fewshot_qids": ["1", "2"]}))
+    assert verify_precomputed(path, file_sha256(path), FORBIDDEN, {"3"}) == {"fewshot_qids": ["1", "2"]}
+    with pytest.raises(SyntheticDataError, match="sha256"):
+        verify_precomputed(path, "0" * 64, FORBIDDEN, {"3"})
+    with pytest.raises(SyntheticDataError, match="does not exist"):
+        verify_precomputed(tmp_path / "missing.jsonl", "", FORBIDDEN, set())
+
+
+def test_verify_refuses_an_evaluation_query_whatever_its_case_and_punctuation(tmp_path: Path) -> None:
+    path = _records(tmp_path / "set.jsonl", ["how long is a marathon", "What is Metformin?"])
+    with pytest.raises(SyntheticDataError, match=r"set.jsonl:2: .*Metformin"):
+        verify_precomputed(path, "", FORBIDDEN, set())
+
+
+def test_verify_refuses_prompts_that_used_heldout_train_queries(tmp_path: Path) -> None:
+    path = _records(tmp_path / "set.jsonl", ["how long is a marathon"])
+    (tmp_path / "set.manifest.json").write_text(json.dumps({"fewshot_qids": ["1", "2", "3"]}))
+    with pytest.raises(SyntheticDataError, match="held-out"):
+        verify_precomputed(path, "", FORBIDDEN, {"3", "4"})
+
+
+def test_publish_copies_records_and_manifest_with_checksum(tmp_path: Path) -> None:
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    _records(stage / "train.jsonl", ["how long is a marathon"])
+    (stage / "manifest.json").write_text(json.dumps({"counts": {"records": 1}}))
+    records, manifest = publish(stage, tmp_path / "data" / "llm-set.jsonl")
+    assert records.read_bytes() == (stage / "train.jsonl").read_bytes()
+    meta = json.loads(manifest.read_text())
+    assert manifest.name == "llm-set.manifest.json" and meta["records_sha256"] == file_sha256(records)
+    assert meta["counts"] == {"records": 1}
+    with pytest.raises(ValueError, match=".jsonl"):
+        publish(stage, tmp_path / "data" / "llm-set.txt")
+
+
+def test_read_only_cache_leaves_a_torn_last_line_to_its_writer(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    writer = QueryCache(path, "fp")
+    writer.append([GeneratedQueries("p1", ("q one",))], seconds=2.0)
+    writer.append([GeneratedQueries("p2", ("q two",)), GeneratedQueries("p3", ("q three",))], seconds=3.0)
+    with path.open("a") as f:
+        f.write('{"fingerprint": "fp", "pid": "p4", "que')  # a line still being written
+    size = path.stat().st_size
+    reader = QueryCache(path, "fp", read_only=True)
+    assert len(reader) == 3 and path.stat().st_size == size  # nothing truncated
+    assert reader.generation_seconds == pytest.approx(5.0)
+    with pytest.raises(PermissionError):
+        reader.append([GeneratedQueries("p5", ("q",))])
+    assert len(QueryCache(path, "fp")) == 3 and path.stat().st_size < size  # a writer repairs it
+
+
+def test_verify_reads_the_examples_of_older_manifests(tmp_path: Path) -> None:
+    path = _records(tmp_path / "old.jsonl", ["how long is a marathon"])
+    (tmp_path / "old.manifest.json").write_text(json.dumps({"generation": {"prompt": {"example_qids": ["3"]}}}))
+    with pytest.raises(SyntheticDataError, match="held-out"):
+        verify_precomputed(path, "", FORBIDDEN, {"3"})
