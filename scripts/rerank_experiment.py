@@ -3,8 +3,10 @@ r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with t
     python scripts/rerank_experiment.py --queries $D/queries.dev.tsv --qrels $D/qrels.dev.txt --name dev \
         --base hybrid --depths 3,5,10 --weights none,1 [--max-queries 100]
 
-    # choose depth and weight on the pipeline's held-out *train* queries (never on dev or DL):
-    python scripts/rerank_experiment.py --train-holdout configs/cpu-marco43k.toml --depths 2,3,5 --weights none,1
+    # choose depth and weight on the pipeline's held-out *train* queries (never on dev or DL), against a base run
+    # whose fusion model never saw the query it ranks (2-fold cross-fitting over the holdout):
+    python scripts/rerank_experiment.py --train-holdout configs/cpu-marco43k.toml --cross-fit 2 \
+        --depths 2,3,5 --weights none,1
 
 The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py); when
 it is missing, it is searched with Retriever(mode=<base>) and written there.
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qrels", type=Path)
     p.add_argument("--train-holdout", type=Path, metavar="CONFIG",
                    help="instead of --queries/--qrels: the fusion holdout train queries of this pipeline config")
+    p.add_argument("--cross-fit", type=int, default=0, metavar="FOLDS",
+                   help="with --train-holdout: the base run (hybrid or convex) comes from fusion models fitted on the "
+                        "other folds of the holdout, not on the queries being ranked (out-of-fold; 0 = off)")
+    p.add_argument("--cross-fit-seed", type=int, default=0, help="seed of the fold split")
     p.add_argument("--name", default="dev")
     p.add_argument("--rel-level", type=int, default=1)
     p.add_argument("--base", default="hybrid", help="mode whose saved run is reranked")
@@ -61,12 +67,25 @@ def main(argv: list[str] | None = None) -> None:
         queries = {q: all_queries[q] for q in holdout}
         qrels = {q: all_qrels[q] for q in holdout}
         args.name = "train-holdout"
+        if args.cross_fit:
+            if args.base not in ("hybrid", "convex"):
+                raise ValueError(f"--cross-fit applies to the fitted modes hybrid and convex, not {args.base!r}")
+            args.name = f"train-holdout-crossfit{args.cross_fit}"
+    elif args.cross_fit:
+        raise ValueError("--cross-fit needs --train-holdout CONFIG")
     elif args.queries and args.qrels:
         queries = read_queries(args.queries)
         qrels = read_qrels(args.qrels, queries)
     else:
         raise SystemExit("give --queries and --qrels, or --train-holdout CONFIG")
     run_path = out / f"{args.base}.{args.name}.trec"
+    if args.cross_fit and not run_path.is_file():
+        from hybrid.crossfit import crossfit_holdout_runs
+        from hybrid.evaluation import write_trec_run
+
+        runs = crossfit_holdout_runs(root, queries, qrels, n_folds=args.cross_fit, seed=args.cross_fit_seed)
+        for mode, run in runs.items():
+            write_trec_run(run, out / f"{mode}.{args.name}.trec", tag=f"{mode}-crossfit")
     if not run_path.is_file():
         from hybrid.evaluation import run_searcher, write_trec_run
         from hybrid.retriever import Retriever
