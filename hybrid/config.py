@@ -56,6 +56,7 @@ class SyntheticConfig:
     # against its sha256 below (empty = not checked), the evaluation queries and the held-out train queries
     precomputed: str = ""
     precomputed_sha256: str = ""
+    precomputed_max_records: int = 0  # use only the first N records (the file is in random order); 0 = all
     seed: int = 13
 
 

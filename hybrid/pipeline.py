@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dense.splits import holdout_split
-from dense.atomic import copy_file_atomic, write_text_atomic
+from dense.atomic import write_text_atomic
 from hybrid.artifacts import (
     STAGE_FILE,
     ArtifactError,
@@ -209,22 +209,35 @@ class Pipeline:
         out = stage_dir(self.root, "synthetic")
         data = self.data_dir()
         files: list[str] = []
+        counts: dict[str, int] = {}
         if c.precomputed:
-            from dense.querygen.prompt import ForbiddenQueries
-            from hybrid.synthetic_data import resolve_precomputed, verify_precomputed
-
-            src = resolve_precomputed(c.precomputed)
-            # checked before use, like generated data: checksum, no evaluation query, no held-out few-shot example
-            verify_precomputed(src, c.precomputed_sha256,
-                               ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split),
-                               set(self.real_train_split()[3]))
-            out.mkdir(parents=True, exist_ok=True)
-            copy_file_atomic(src, out / "precomputed.jsonl")
+            counts = self._copy_precomputed(out / "precomputed.jsonl", data)
             files.append("precomputed.jsonl")
         for method in c.methods:
             files.append(f"{method}/train.jsonl")
             self._generate(method, out / method, data)
-        return {"files": files}
+        return {"files": files, **({"precomputed": counts} if counts else {})}
+
+    def _copy_precomputed(self, target: Path, data: MsMarcoDir) -> dict[str, int]:
+        """The committed records file, checked (checksum, no evaluation query, no held-out few-shot example), cut
+        to the records whose positives this collection holds and to the first ``precomputed_max_records``."""
+        from dense.querygen.output import read_training_records, write_jsonl_atomic
+        from dense.querygen.prompt import ForbiddenQueries
+        from hybrid.synthetic_data import resolve_precomputed, verify_precomputed
+
+        c = self.config.synthetic
+        src = resolve_precomputed(c.precomputed)
+        verify_precomputed(src, c.precomputed_sha256,
+                           ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split),
+                           set(self.real_train_split()[3]))
+        records = read_training_records(src)
+        store = self.passages()
+        usable = [r for r in records if all(p in store for p in r["positives"])]
+        kept = usable[: c.precomputed_max_records] if c.precomputed_max_records else usable
+        write_jsonl_atomic(target, kept)
+        logger.info("synthetic: %d of %d precomputed records used (%d lack their passage here)", len(kept),
+                    len(records), len(records) - len(usable))
+        return {"records": len(records), "without_passage": len(records) - len(usable), "used": len(kept)}
 
     def _generate(self, method: str, out: Path, data: MsMarcoDir) -> None:
         from dense.querygen.crop import CropConfig

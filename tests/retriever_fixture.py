@@ -111,6 +111,7 @@ def build_tiny_artifacts(base: Path) -> TinyArtifacts:
             f"data.subset_distractors={SUBSET_DISTRACTORS}",
             'sparse.heap="1g"',
             "synthetic.methods=[]",
+            'synthetic.precomputed=""',  # the committed set's passages are not in this corpus
             f'dense.base_model="{backbone}"',
             "dense.base_layers=0",
             "dense.hard_negatives_depth=10",

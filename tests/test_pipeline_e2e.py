@@ -84,6 +84,9 @@ def build(tmp_path_factory):
         [
             f'data.dir="{slice_dir}"',
             "sparse.heap=\"1g\"",
+            # crop queries generated on the slice (the committed LLM set is checked in test_synthetic_data.py)
+            'synthetic.methods=["crop"]',
+            'synthetic.precomputed=""',
             "synthetic.max_passages=200",
             f'dense.base_model="{model}"',
             "dense.base_layers=0",

@@ -81,3 +81,41 @@ def test_verify_reads_the_examples_of_older_manifests(tmp_path: Path) -> None:
     (tmp_path / "old.manifest.json").write_text(json.dumps({"generation": {"prompt": {"example_qids": ["3"]}}}))
     with pytest.raises(SyntheticDataError, match="held-out"):
         verify_precomputed(path, "", FORBIDDEN, {"3"})
+
+
+def test_pipeline_trains_on_a_checked_precomputed_set(tmp_path: Path, tiny_msmarco_dir: Path) -> None:
+    """The synthetic stage checks the committed file, drops records whose passage the collection lacks and takes the
+    first ``precomputed_max_records``; a changed file with the old checksum is refused."""
+    from hybrid.config import load_config
+    from hybrid.pipeline import Pipeline
+
+    records = _records(tmp_path / "set.jsonl", ["passage about topic", "number thirty nine", "nothing here"])
+    lines = records.read_text().splitlines()
+    lines[2] = lines[2].replace('["2"]', '["999999"]')  # a passage this collection does not have
+    records.write_text("\n".join(lines) + "\n")
+    (tmp_path / "set.manifest.json").write_text(json.dumps({"fewshot_qids": []}))
+    sha = file_sha256(records)
+    repo = Path(__file__).resolve().parents[1]
+
+    def config(*extra: str):
+        return load_config(repo / "configs" / "cpu-marco43k.toml", [
+            f'data.dir="{tiny_msmarco_dir}"', 'data.eval_splits=["dev"]', 'sparse.heap="512m"',
+            "synthetic.methods=[]", f'synthetic.precomputed="{records}"', f'synthetic.precomputed_sha256="{sha}"',
+            "fusion.holdout_queries=1", *extra])
+
+    root = tmp_path / "artifacts"
+    done = Pipeline(config(), root).run(["data", "bm25", "synthetic"])
+    assert done["synthetic"]["precomputed"] == {"records": 3, "without_passage": 1, "used": 2}
+    used = (root / "synthetic" / "precomputed.jsonl").read_text().splitlines()
+    assert [json.loads(line)["query"] for line in used] == ["passage about topic", "number thirty nine"]
+    done = Pipeline(config("synthetic.precomputed_max_records=1"), root).run(["synthetic"])
+    assert done["synthetic"]["precomputed"]["used"] == 1
+
+    records.write_text(records.read_text().replace("topic", "topics"))
+    with pytest.raises(SyntheticDataError, match="sha256"):
+        Pipeline(config(), root).run(["synthetic"], force=["synthetic"])
+    # a leak is refused whatever the checksum says: the dev query "apostrophe", with other case and punctuation
+    _records(records, ["Apostrophe!"])
+    with pytest.raises(SyntheticDataError, match="Apostrophe!.*forbidden"):
+        Pipeline(config(f'synthetic.precomputed_sha256="{file_sha256(records)}"'), root).run(
+            ["synthetic"], force=["synthetic"])
