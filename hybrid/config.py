@@ -22,6 +22,9 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "local"  # "local": an existing canonical dir; "download": fetch MS MARCO v1 into `dir`
     dir: str = ""  # canonical layout dir; empty = env MSMARCO_DIR
+    # "download" only: mirrors of official files, resource name (hybrid.download.MSMARCO_V1_RESOURCES) -> URL; the
+    # official sizes and md5 sums still apply, so a mirror cannot change the data (nor the stage fingerprints)
+    download_urls: dict[str, str] = field(default_factory=dict)
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("dev", "dl19")
     # minimum grade counted as relevant per split (TREC DL: 2)

@@ -68,7 +68,10 @@ class Pipeline:
     def _section(self, stage: str) -> dict[str, Any]:
         c = self.config
         return {
-            "data": {"data": asdict(c.data), "dir": str(self._data_source_dir())},
+            # where the files were downloaded from is not an input: a mirror's files are checked against the official
+            # md5 sums (hybrid.download); left out entirely, so fingerprints from before the field existed still hold
+            "data": {"data": {k: v for k, v in asdict(c.data).items() if k != "download_urls"},
+                     "dir": str(self._data_source_dir())},
             "bm25": asdict(c.sparse),
             "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
             "dense_train": {"dense": asdict(c.dense), "holdout": c.fusion.holdout_queries, "seed": c.seed},
@@ -152,7 +155,8 @@ class Pipeline:
         if c.source == "download":
             from hybrid.download import download_msmarco
 
-            download_msmarco(src.root, splits=tuple(dict.fromkeys((c.train_split, *c.eval_splits))))
+            download_msmarco(src.root, c.download_urls or None,
+                             splits=tuple(dict.fromkeys((c.train_split, *c.eval_splits))))
         data = src
         if c.subset_distractors > 0:
             from hybrid.msmarco import build_subset

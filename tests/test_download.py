@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import random
-import tarfile
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from official_msmarco import FileServer, served_at_official_names, tar_gz, toy_resources, tsv
 
 from hybrid.download import (
     MSMARCO_V1_RESOURCES,
@@ -36,20 +31,6 @@ DEV_QUERIES = {"10": "dev one", "11": "dev two", "12": "dev three"}
 DEV_SMALL = {"10": "dev one", "12": "dev three"}
 DL19_QUERIES = {"100": "dl19 judged", "101": "dl19 unjudged", "102": "dl19 judged too"}
 DL20_QUERIES = {"200": "dl20 judged", "201": "dl20 unjudged"}
-
-
-def tsv(rows: dict[str, str]) -> bytes:
-    return "".join(f"{k}\t{v}\n" for k, v in rows.items()).encode()
-
-
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 # File contents by resource name, in the formats of the official files (member names as in the real archives).
@@ -80,77 +61,14 @@ OFFICIAL_FILES: dict[str, bytes] = {
 }
 
 
-@dataclass
-class FileServer:
-    """Serves ``files`` (URL path -> bytes) with Range support; can drop or refuse ranges to simulate failures."""
-
-    files: dict[str, bytes]
-    requests: list[tuple[str, str | None]] = field(default_factory=list)
-    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the next response breaks
-    ignore_range: bool = False
-    url: str = ""
-
-    def serve(self) -> Iterator[FileServer]:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.requests.append((self.path, self.headers.get("Range")))
-                data = owner.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                range_header = self.headers.get("Range")
-                if range_header and not owner.ignore_range:
-                    start = int(range_header.removeprefix("bytes=").split("-")[0])
-                    if start >= len(data):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                cut = owner.drop_after.pop(self.path, None)
-                self.wfile.write(body if cut is None else body[:cut])
-                if cut is not None:
-                    self.close_connection = True
-
-            def log_message(self, *args) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
-
-
 @pytest.fixture
 def official_server() -> Iterator[FileServer]:
-    files = {f"/{MSMARCO_V1_RESOURCES[name].filename}": data for name, data in OFFICIAL_FILES.items()}
-    yield from FileServer(files).serve()
+    yield from FileServer(served_at_official_names(OFFICIAL_FILES)).serve()
 
 
 def local_resources(server: FileServer, **md5_overrides: str) -> dict[str, Resource]:
     """The official resource table pointed at the test server, with this data's sizes and md5 sums."""
-    return {
-        name: Resource(
-            url=f"{server.url}/{MSMARCO_V1_RESOURCES[name].filename}",
-            filename=MSMARCO_V1_RESOURCES[name].filename,
-            md5=md5_overrides.get(name, hashlib.md5(data).hexdigest()),
-            size=len(data),
-        )
-        for name, data in OFFICIAL_FILES.items()
-    }
+    return toy_resources(server, OFFICIAL_FILES, **md5_overrides)
 
 
 def test_download_and_convert(official_server, tmp_path):
