@@ -9,9 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from dense_fixtures import train_bpe_tokenizer, train_wordpiece_tokenizer
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from retriever_fixture import tiny_causal_lm, tiny_encoder_backbone
 from write_audit import record_writes
 
 from hybrid.config import load_config
@@ -46,28 +44,6 @@ def _write_slice(src: MsMarcoDir, out: Path) -> Path:
     return out
 
 
-def _tiny_bert(texts: list[str], out: Path) -> Path:
-    tokenizer = train_wordpiece_tokenizer(texts)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def _tiny_causal_lm(texts: list[str], out: Path) -> Path:
-    """A random 1-layer Llama LM standing in for SmolLM2 in the rerank stage (plain prompt: no chat template)."""
-    tokenizer = train_bpe_tokenizer(texts)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """The pipeline run once on the slice, with a record of every file its stages opened for writing."""
@@ -77,8 +53,8 @@ def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     slice_dir = _write_slice(MsMarcoDir(data), root / "slice")
     texts = [t for _, t in read_collection(slice_dir / "collection.tsv")]
-    model = _tiny_bert(texts[:2000], root / "tiny-bert")
-    lm = _tiny_causal_lm(texts[:2000], root / "tiny-lm")
+    model = tiny_encoder_backbone(texts[:2000], root / "tiny-bert")
+    lm = tiny_causal_lm(texts[:2000], root / "tiny-lm")
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml",
         [

@@ -136,9 +136,13 @@ class QueryGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.template = prompt.resolve_template(self.tokenizer)
         self.last_stats: dict[str, float] = {}
+        self._setup()
         logger.info("loaded %s%s on %s (%s, %s template) in %.1fs", self.model_name,
                     f" [{gguf_file}]" if gguf_file else "", self.device, dtype, self.template,
                     time.perf_counter() - start)
+
+    def _setup(self) -> None:
+        """Hook for subclasses, called at the end of ``__init__`` once model and tokenizer are loaded."""
 
     def fingerprint(self) -> str:
         """Hash of model, prompt and generation settings: the key cached outputs are valid under."""

@@ -21,14 +21,13 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from dense.querygen.cache import QueryCache
-from dense.querygen.generator import GenerationConfig, QueryGenerator, clean_query, dedupe_queries
-from dense.querygen.prompt import PromptBuilder, PromptParts
+from dense.querygen.generator import QueryGenerator, clean_query, dedupe_queries
+from dense.querygen.prompt import PromptParts
 from dense.querygen.records import GeneratedQueries
 
 logger = logging.getLogger(__name__)
@@ -43,17 +42,9 @@ class PrefixCachedGenerator(QueryGenerator):
     Needs ``PromptConfig.num_prefixes > 0`` (a per-passage example draw shares no prefix).
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str | Path,
-        prompt: PromptBuilder,
-        gguf_file: str | None = None,
-        config: GenerationConfig = GenerationConfig(),
-        device: str | None = None,
-    ):
-        if prompt.config.num_prefixes < 1:
+    def _setup(self) -> None:
+        if self.prompt.config.num_prefixes < 1:
             raise ValueError("PrefixCachedGenerator needs PromptConfig.num_prefixes >= 1 (fixed example sets)")
-        super().__init__(model_name_or_path, prompt, gguf_file, config, device)
         import torch
         from transformers import DynamicCache
 
