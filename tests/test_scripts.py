@@ -47,6 +47,8 @@ CASES: dict[str, Case] = {
                                        str(d / "collection.tsv")], "no-model"),
     "evaluate.py": lambda w, d: (["--queries", str(d / "queries.dev.tsv"), "--qrels", str(d / "qrels.dev.txt"),
                                   "--modes", "sparse"], "no-artifacts"),
+    "export_holdout.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml", "--data-dir",
+                                        str(w / "missing-data"), "--out", str(w / "out")], "missing-data"),
     "generate_queries.py": lambda w, d: (["--method", "crop", "--collection", str(w / "missing.tsv"), "--out",
                                           str(w / "out")], "missing.tsv"),
     "prepare_data.py": lambda w, d: (["--source", "local", "--dir", str(w / "missing-data")], "missing-data"),
@@ -111,3 +113,15 @@ def test_ablation_script_prints_usage_without_running_anything(tmp_path: Path) -
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=60)
         assert result.returncode == status and "usage: scripts/ablation_run.sh NAME MODES" in result.stdout + result.stderr
     assert not (tmp_path / "exps").exists()
+
+
+def test_export_holdout_writes_the_pipelines_heldout_queries(tmp_path: Path, tiny_msmarco_dir: Path) -> None:
+    from hybrid.synthetic_data import heldout_train_qids
+
+    result = run_script("export_holdout.py", ["--config", "configs/cpu-marco43k.toml", "--data-dir",
+                                              str(tiny_msmarco_dir), "--out", str(tmp_path / "h")])
+    assert result.returncode == 0, result.stderr
+    qids = [line.split("\t")[0] for line in (tmp_path / "h" / "queries.tsv").read_text().splitlines()]
+    assert qids == heldout_train_qids(REPO / "configs" / "cpu-marco43k.toml", tiny_msmarco_dir) and qids
+    judged = {line.split()[0] for line in (tmp_path / "h" / "qrels.txt").read_text().splitlines()}
+    assert judged == set(qids)
