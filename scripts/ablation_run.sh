@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Small ablation run used for EXPERIMENTS.md: copies the data, BM25 and base-model stages of artifacts/ into
-# $EXP_DIR/NAME, reruns the synthetic + dense (+ fusion) stages with config overrides, evaluates dev and DL19.
+# $EXP_DIR/NAME, reruns the synthetic + dense (+ fusion) stages with config overrides, evaluates the held-out train
+# queries (the selection set; fitted fusion modes are in-sample there), dev and DL19.
 # usage: scripts/ablation_run.sh NAME MODES OVERRIDE...   e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind="static"'
 set -euo pipefail
 usage="usage: scripts/ablation_run.sh NAME MODES OVERRIDE...  (e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind=\"static\"')"
@@ -17,8 +18,12 @@ case $modes in *rrf*|*convex*|*hybrid*) stages="$stages fusion";; esac
 start=$(date +%s)
 python scripts/run_pipeline.py --config configs/cpu-marco43k.toml --artifacts $A --stages data bm25 $stages "${sets[@]}" > $A/pipeline.log 2>&1
 echo "$name pipeline seconds: $(( $(date +%s) - start ))" | tee $A/seconds.txt
-for s in dev dl19; do rl=1; [ $s = dl19 ] && rl=2
-  python scripts/evaluate.py --queries $MSMARCO_DIR/queries.$s.tsv --qrels $MSMARCO_DIR/qrels.$s.txt --rel-level $rl \
+# the held-out train queries first: choices are made on them; dev and DL19 are reported
+python scripts/export_holdout.py --config configs/cpu-marco43k.toml --out $A/holdout > /dev/null
+for s in holdout dev dl19; do rl=1; [ $s = dl19 ] && rl=2
+  q=$MSMARCO_DIR/queries.$s.tsv; r=$MSMARCO_DIR/qrels.$s.txt
+  [ $s = holdout ] && q=$A/holdout/queries.tsv && r=$A/holdout/qrels.txt
+  python scripts/evaluate.py --queries $q --qrels $r --rel-level $rl \
      --modes $modes --artifacts $A --name $s --out $A/eval --latency-queries 50 > $A/eval.$s.log 2>&1
   echo "## $name $s"; grep "^|" $A/eval.$s.log
 done
