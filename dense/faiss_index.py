@@ -309,8 +309,9 @@ def _resolve_gpu(use_gpu: UseGpu, kind: str) -> bool:
         return False
     if not gpu_available():
         raise RuntimeError(
-            "use_gpu=True but this faiss has no GPU support or sees no CUDA device; install faiss-gpu "
-            "(pip install '.[gpu]') on a CUDA machine, or pass use_gpu=False / 'auto'"
+            "use_gpu=True but this faiss has no GPU support or sees no CUDA device; on a CUDA machine install "
+            "faiss-gpu-cu12 with `make install FAISS=gpu` (it removes faiss-cpu first: both install the same `faiss` "
+            "package), or pass use_gpu=False / 'auto'"
         )
     if kind != "flat":
         raise ValueError(f"use_gpu=True is supported for kind='flat' only, not {kind!r}; pass use_gpu='auto'")
