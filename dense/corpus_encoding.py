@@ -1,15 +1,27 @@
-"""Encode a passage corpus into one memory-mapped embedding matrix, shard by shard, resumable after a kill.
+"""Encode a passage corpus into one memory-mapped embedding matrix, shard by shard, resumable after a kill, on one
+process or on every rank of a ``torchrun`` launch.
 
 Layout of ``out_dir`` (the ``dense_index/`` stage directory):
 
 - ``pids.txt``: one pid per line; line ``i`` names row ``i`` of the matrix.
 - ``embeddings.f16.npy``: ``(count, dim)`` float16 (``embeddings.f32.npy`` with ``fp16=False``), a plain ``.npy``
   file that ``np.load(..., mmap_mode="r")`` opens without reading it.
-- ``progress.json``: the run's fingerprint and the shards already written; rewritten atomically after each shard.
 - ``manifest.json``: written last and atomically; its presence means the encoding is complete.
 
-Why not write into ``<dir>.tmp-<pid>`` and rename at the end like the other stages: encoding 8.8M passages takes
-hours and the partial matrix must survive a kill to be resumed, so the manifest is the commit point instead.
+While the encoding runs:
+
+- ``progress.json``: the run's fingerprint (model, corpus checksum, count, dim, dtype, shard size); a resume needs
+  it unchanged.
+- ``shards/shard-NNNNNN.npy``: the vectors of shard ``N`` (rows ``[N * shard_size, (N + 1) * shard_size)``), each
+  written atomically when the shard is done, so a file that exists is a finished shard. A killed run resumes with
+  the shards that have no file yet. When all exist, rank 0 copies them into the matrix, writes the manifest and
+  removes ``shards/`` (at the peak the vectors are on disk twice: 2 x 13.5 GB for 8.8M x 768 float16).
+
+Under ``torchrun`` every rank calls :func:`encode_corpus` with the same arguments; the shards still to encode are
+dealt out round-robin (rank ``r`` takes every ``world_size``-th of them), each rank writes its own shard files, and
+rank 0 assembles the matrix once all ranks are done. Ranks on several machines need ``out_dir`` on a filesystem
+they share (or every node's ``shards/`` copied to node 0 and the encoding run once more there, which then only
+assembles).
 
 The corpus is read twice: a first pass writes ``pids.txt`` and computes the corpus checksum (which decides whether a
 partial run may be resumed), a second pass encodes. Pass a re-iterable source (a list, a passage store); a one-shot
@@ -26,6 +38,8 @@ import json
 import logging
 import os
 import platform
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +50,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dense.atomic import write_json_atomic
+from dense.atomic import atomic_file, write_json_atomic
+from dense.distributed import DistContext, init_distributed, run_on_main
 from dense.interfaces import ArtifactMismatchError, EncodingResumeError, IncompleteArtifactError, TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -46,11 +61,13 @@ RERUN_HINT = "rerun the corpus encoding stage (scripts/encode_corpus.py; it resu
 PIDS_FILE = "pids.txt"
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
 EMBEDDING_FILES = {"float16": "embeddings.f16.npy", "float32": "embeddings.f32.npy"}
 RESULT_FIELDS = ("model_fingerprint", "corpus_sha256", "count", "dim", "dtype")
 """Fingerprint fields that decide the content of a finished encoding (``shard_size`` only decides its layout)."""
 _HASH_CHUNK_BYTES = 1 << 20
 _FORBIDDEN_PID_CHARS = ("\n", "\r", "\t")
+_SHARD_FILE = re.compile(r"^shard-(\d{6})\.npy$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,15 @@ class EncodingFingerprint:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EncodingFingerprint:
         return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """``(start, stop)`` rows of ``shard`` in the matrix."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.count)
 
     def mismatches(self, other: EncodingFingerprint, fields: Sequence[str] | None = None) -> list[str]:
         """Human-readable ``field: was X, now Y`` lines for each field that differs (self = old, other = new)."""
@@ -134,6 +160,7 @@ def encode_corpus(
     encoder_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    context: DistContext | None = None,
 ) -> EncodedCorpus:
     """Encode ``(pid, text)`` passages into ``out_dir`` and return the opened result.
 
@@ -141,17 +168,21 @@ def encode_corpus(
     and the most memory-hungry batch comes first; vectors are written back in corpus order. A finished encoding
     with the same model and corpus is returned as is; a partial one is resumed; one made with another model or
     corpus raises :class:`EncodingResumeError` unless ``overwrite`` is set.
+
+    ``context`` (default: the ``torchrun`` launch this process belongs to, if any) splits the shards over the
+    ranks; every rank then calls this with the same arguments and gets the same result (see the module docstring).
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    context = init_distributed() if context is None else context
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(np.float16 if fp16 else np.float32)
     passages = _reiterable(passages)
 
-    pids_tmp = out_dir / f"{PIDS_FILE}.tmp-{os.getpid()}"
+    pids_tmp = out_dir / f"{PIDS_FILE}.tmp-{os.getpid()}" if context.is_main else None
     try:
-        count, corpus_sha256 = _scan_corpus(passages, pids_tmp, progress=progress)
+        count, corpus_sha256 = _scan_corpus(passages, pids_tmp, progress=progress and context.is_main)
         fingerprint = EncodingFingerprint(
             model_fingerprint=model_fingerprint,
             corpus_sha256=corpus_sha256,
@@ -160,29 +191,26 @@ def encode_corpus(
             dtype=dtype.name,
             shard_size=shard_size,
         )
-        if (out_dir / MANIFEST_FILE).exists():
-            finished = EncodingFingerprint.from_mapping(read_json(out_dir / MANIFEST_FILE, stage=STAGE))
-            if not finished.mismatches(fingerprint, RESULT_FIELDS):
-                logger.info("%s: corpus encoding is up to date (%d passages), nothing to do", out_dir, count)
-                return EncodedCorpus.open(out_dir)
-            _refuse_or_reset(out_dir, finished, fingerprint, overwrite, what="a finished encoding")
-        completed = _load_progress(out_dir, fingerprint, overwrite)
-        os.replace(pids_tmp, out_dir / PIDS_FILE)
+        completed = run_on_main(context, lambda: _prepare(out_dir, fingerprint, pids_tmp, overwrite))
     finally:
-        pids_tmp.unlink(missing_ok=True)
+        if pids_tmp is not None:
+            pids_tmp.unlink(missing_ok=True)
+    if completed is None:
+        logger.info("%s: corpus encoding is up to date (%d passages), nothing to do", out_dir, count)
+        return EncodedCorpus.open(out_dir)
 
-    embeddings_file = EMBEDDING_FILES[dtype.name]
-    matrix = _open_matrix(out_dir / embeddings_file, fingerprint, fresh=not completed)
-    if not completed:
-        _write_progress(out_dir, fingerprint, completed)
-
-    resumed = len(completed)
+    remaining = [s for s in range(fingerprint.num_shards) if s not in completed]
+    mine = set(remaining[context.rank :: context.world_size])
     start_time = time.perf_counter()
-    encoded = _encode_shards(encoder, passages, matrix, fingerprint, completed, out_dir, batch_size, progress)
+    encoded = _encode_shards(encoder, passages, fingerprint, mine, out_dir, batch_size, progress)
     seconds = time.perf_counter() - start_time
-    del matrix  # closes the memmap; everything was flushed shard by shard
+    if context.enabled:
+        logger.info("rank %d: encoded %d shards (%d passages) in %.1f s", context.rank, len(mine), encoded, seconds)
+    per_rank = context.all_gather_object((encoded, seconds))  # also waits until every rank's shards are written
+    encoded, seconds = sum(n for n, _ in per_rank), max(s for _, s in per_rank)
 
     rate = encoded / seconds if seconds > 0 else float("inf")
+    embeddings_file = EMBEDDING_FILES[dtype.name]
     manifest = {
         "stage": STAGE,
         **dataclasses.asdict(fingerprint),
@@ -190,50 +218,69 @@ def encode_corpus(
         "embeddings_file": embeddings_file,
         "pids_file": PIDS_FILE,
         "batch_size": batch_size,
-        "shards_resumed": resumed,
+        "shards_resumed": len(completed),
         "passages_encoded_this_run": encoded,
+        "processes": context.world_size,
         "seconds": round(seconds, 3),
         "passages_per_second": round(rate, 2),
         "versions": {"python": platform.python_version(), "numpy": np.__version__},
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
-    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    run_on_main(context, lambda: _assemble(out_dir, fingerprint, manifest))
     logger.info(
-        "encoded %d passages in %.1f s (%.1f passages/s; %d shards resumed from an earlier run) into %s",
-        encoded, seconds, rate, resumed, out_dir,
+        "encoded %d passages in %.1f s (%.1f passages/s over %d process(es); %d shards resumed from an earlier run) "
+        "into %s", encoded, seconds, rate, context.world_size, len(completed), out_dir,
     )
     return EncodedCorpus.open(out_dir)
+
+
+def _prepare(
+    out_dir: Path, fingerprint: EncodingFingerprint, pids_tmp: Path | None, overwrite: bool
+) -> list[int] | None:
+    """Rank 0, before encoding: ``None`` when a finished encoding of the same inputs is there, else the shards
+    already written (after refusing or discarding a partial run made with other inputs)."""
+    if (out_dir / MANIFEST_FILE).exists():
+        finished = EncodingFingerprint.from_mapping(read_json(out_dir / MANIFEST_FILE, stage=STAGE))
+        if not finished.mismatches(fingerprint, RESULT_FIELDS):
+            return None
+        _refuse_or_reset(out_dir, finished, fingerprint, overwrite, what="a finished encoding")
+    completed = _load_progress(out_dir, fingerprint, overwrite)
+    for stale in (*out_dir.glob("*.npy.tmp-*"), *_shards_dir(out_dir).glob(".shard-*.tmp-*")):
+        stale.unlink()  # a half-written shard or matrix of a killed run
+    if pids_tmp is not None:
+        os.replace(pids_tmp, out_dir / PIDS_FILE)
+    write_json_atomic(out_dir / PROGRESS_FILE, {"fingerprint": dataclasses.asdict(fingerprint)})
+    return sorted(completed)
 
 
 def _encode_shards(
     encoder: TextEncoder,
     passages: Iterable[tuple[str, str]],
-    matrix: np.memmap,
     fingerprint: EncodingFingerprint,
-    completed: set[int],
+    mine: set[int],
     out_dir: Path,
     batch_size: int,
     progress: bool,
 ) -> int:
-    """Encode every shard not in ``completed`` into ``matrix``; returns the number of passages encoded."""
-    shard_size, count = fingerprint.shard_size, fingerprint.count
-    already_done = sum(min(shard_size, count - s * shard_size) for s in completed)
+    """Encode the shards in ``mine`` into their shard files; returns the number of passages encoded."""
+    count = fingerprint.count
+    total = sum(stop - start for start, stop in map(fingerprint.shard_rows, mine))
+    dtype = np.dtype(fingerprint.dtype)
+    shards = _shards_dir(out_dir)
+    shards.mkdir(exist_ok=True)
     encoded = seen = 0
-    with tqdm(total=count, initial=already_done, unit="passage", desc="encoding", disable=not progress) as bar:
-        for shard, records in enumerate(_chunks(passages, shard_size)):
-            start = shard * shard_size
-            seen = start + len(records)
+    with tqdm(total=total, unit="passage", desc="encoding", disable=not progress) as bar:
+        for shard, records in enumerate(_chunks(passages, fingerprint.shard_size)):
+            seen = shard * fingerprint.shard_size + len(records)
             if seen > count:
                 break
-            if shard in completed:
+            if shard not in mine:
                 continue
             texts = [text for _, text in records]
             vectors = encode_length_sorted(encoder, texts, batch_size, on_batch=bar.update)
-            matrix[start:seen] = _to_storage(vectors, matrix.dtype, [pid for pid, _ in records])
-            matrix.flush()
-            completed.add(shard)
-            _write_progress(out_dir, fingerprint, completed)
+            stored = _to_storage(vectors, dtype, [pid for pid, _ in records])
+            with atomic_file(_shard_path(out_dir, shard)) as f:
+                np.save(f, stored)
             encoded += len(records)
     if seen != count:
         raise EncodingResumeError(
@@ -242,6 +289,55 @@ def _encode_shards(
             f"{RERUN_HINT}."
         )
     return encoded
+
+
+def _assemble(out_dir: Path, fingerprint: EncodingFingerprint, manifest: Mapping[str, Any]) -> None:
+    """Rank 0, after every rank is done: shard files -> the matrix (atomically), then the manifest."""
+    missing = [s for s in range(fingerprint.num_shards) if not _shard_path(out_dir, s).is_file()]
+    if missing:
+        raise IncompleteArtifactError(
+            f"{out_dir / SHARDS_DIR}: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} are missing after "
+            "every process finished; processes on several machines need the output directory on a filesystem they "
+            f"share (or copy every machine's {SHARDS_DIR}/ here), then {RERUN_HINT}."
+        )
+    target = out_dir / manifest["embeddings_file"]
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        shape = (fingerprint.count, fingerprint.dim)
+        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(fingerprint.dtype), shape=shape)
+        for shard in range(fingerprint.num_shards):
+            start, stop = fingerprint.shard_rows(shard)
+            vectors = np.load(_shard_path(out_dir, shard), mmap_mode="r")
+            if vectors.shape != (stop - start, fingerprint.dim) or vectors.dtype != matrix.dtype:
+                raise ArtifactMismatchError(
+                    f"{_shard_path(out_dir, shard)}: holds {vectors.shape} {vectors.dtype}, expected "
+                    f"{(stop - start, fingerprint.dim)} {matrix.dtype}; delete it and {RERUN_HINT}."
+                )
+            matrix[start:stop] = vectors
+        matrix.flush()
+        del matrix
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(_shards_dir(out_dir), ignore_errors=True)
+
+
+def _shards_dir(out_dir: Path) -> Path:
+    return out_dir / SHARDS_DIR
+
+
+def _shard_path(out_dir: Path, shard: int) -> Path:
+    return _shards_dir(out_dir) / f"shard-{shard:06d}.npy"
+
+
+def _written_shards(out_dir: Path, num_shards: int) -> set[int]:
+    directory = _shards_dir(out_dir)
+    if not directory.is_dir():
+        return set()
+    found = {int(m.group(1)) for p in directory.iterdir() if (m := _SHARD_FILE.match(p.name))}
+    return {s for s in found if s < num_shards}
 
 
 def encode_length_sorted(
@@ -295,21 +391,24 @@ def _reiterable(passages: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]
     return passages
 
 
-def _scan_corpus(passages: Iterable[tuple[str, str]], pids_path: Path, *, progress: bool) -> tuple[int, str]:
-    """Write the pids to ``pids_path`` and return ``(count, sha256)`` of the ``pid\\ttext\\n`` records.
+def _scan_corpus(
+    passages: Iterable[tuple[str, str]], pids_path: Path | None, *, progress: bool
+) -> tuple[int, str]:
+    """Return ``(count, sha256)`` of the ``pid\\ttext\\n`` records, writing the pids to ``pids_path`` when given.
 
     For a corpus read from ``collection.tsv`` with ``\\n`` line ends the checksum equals the file's sha256.
     """
     digest = hashlib.sha256()
     count = 0
-    with open(pids_path, "w", encoding="utf-8", newline="\n") as out:
+    with open(pids_path, "w", encoding="utf-8", newline="\n") if pids_path else contextlib.nullcontext() as out:
         for count, (pid, text) in enumerate(tqdm(passages, desc="checksum", unit="passage", disable=not progress), 1):
             if not isinstance(pid, str) or not isinstance(text, str):
                 raise TypeError(f"passage #{count - 1}: expected (pid: str, text: str), got ({pid!r}, {type(text)})")
             if not pid or any(c in pid for c in _FORBIDDEN_PID_CHARS):
                 raise ValueError(f"passage #{count - 1}: pid {pid!r} is empty or holds a tab or line break")
             digest.update(f"{pid}\t{text}\n".encode())
-            out.write(pid + "\n")
+            if out is not None:
+                out.write(pid + "\n")
     if count == 0:
         raise ValueError("the passage source is empty; nothing to encode")
     return count, digest.hexdigest()
@@ -328,46 +427,24 @@ def _refuse_or_reset(
     logger.warning("%s: discarding %s (%s) because overwrite was requested", out_dir, what, "; ".join(changes))
     for name in (MANIFEST_FILE, PROGRESS_FILE, *EMBEDDING_FILES.values()):
         (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(_shards_dir(out_dir), ignore_errors=True)
 
 
 def _load_progress(out_dir: Path, fingerprint: EncodingFingerprint, overwrite: bool) -> set[int]:
+    """The shards a partial run with the same fingerprint already wrote (a partial run with another one is refused
+    or, with ``overwrite``, discarded)."""
     path = out_dir / PROGRESS_FILE
     if not path.exists():
+        shutil.rmtree(_shards_dir(out_dir), ignore_errors=True)  # shard files without a fingerprint: unknown origin
         return set()
-    saved = read_json(path, stage=STAGE)
-    old = EncodingFingerprint.from_mapping(saved["fingerprint"])
-    completed = {int(s) for s in saved["completed_shards"]}
+    old = EncodingFingerprint.from_mapping(read_json(path, stage=STAGE)["fingerprint"])
+    completed = _written_shards(out_dir, old.num_shards) if old.count and old.shard_size else set()
     if old.mismatches(fingerprint):
         _refuse_or_reset(out_dir, old, fingerprint, overwrite, what=f"a partial encoding ({len(completed)} shards)")
         return set()
     if completed:
-        logger.info("%s: resuming, %d shards already encoded", out_dir, len(completed))
+        logger.info("%s: resuming, %d of %d shards already encoded", out_dir, len(completed), fingerprint.num_shards)
     return completed
-
-
-def _write_progress(out_dir: Path, fingerprint: EncodingFingerprint, completed: set[int]) -> None:
-    write_json_atomic(
-        out_dir / PROGRESS_FILE,
-        {"fingerprint": dataclasses.asdict(fingerprint), "completed_shards": sorted(completed)},
-    )
-
-
-def _open_matrix(path: Path, fingerprint: EncodingFingerprint, *, fresh: bool) -> np.memmap:
-    shape, dtype = (fingerprint.count, fingerprint.dim), np.dtype(fingerprint.dtype)
-    if fresh or not path.exists():
-        if not fresh:
-            raise IncompleteArtifactError(
-                f"{path}: missing although {PROGRESS_FILE} lists finished shards; delete {path.parent / PROGRESS_FILE} "
-                f"and {RERUN_HINT}."
-            )
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    matrix = np.lib.format.open_memmap(path, mode="r+")
-    if matrix.shape != shape or matrix.dtype != dtype:
-        raise EncodingResumeError(
-            f"{path}: holds {matrix.shape} {matrix.dtype} but the resumed run needs {shape} {dtype}; start over with "
-            "overwrite=True (--overwrite)."
-        )
-    return matrix
 
 
 def _chunks(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -380,12 +457,11 @@ def _missing_manifest_message(directory: Path) -> str:
     progress_path = directory / PROGRESS_FILE
     if progress_path.exists():
         with contextlib.suppress(Exception):
-            saved = read_json(progress_path, stage=STAGE)
-            fp = saved["fingerprint"]
-            total = -(-fp["count"] // fp["shard_size"])
+            fingerprint = EncodingFingerprint.from_mapping(read_json(progress_path, stage=STAGE)["fingerprint"])
+            done = len(_written_shards(directory, fingerprint.num_shards))
             return (
-                f"{directory}: the corpus encoding is unfinished ({len(saved['completed_shards'])} of {total} "
-                f"shards written, no {MANIFEST_FILE}); {RERUN_HINT}."
+                f"{directory}: the corpus encoding is unfinished ({done} of {fingerprint.num_shards} shards written, "
+                f"no {MANIFEST_FILE}); {RERUN_HINT}."
             )
     return f"{directory}: no {MANIFEST_FILE}, so no finished corpus encoding is there; run the corpus encoding stage."
 

@@ -8,6 +8,13 @@ Large batches use GradCache (Gao et al., 2021): embeddings are first computed in
 and its gradient with respect to the embeddings are computed over the whole batch, then every chunk is encoded
 again with a graph and back-propagated with its slice of those gradients. Loss and gradients equal those of one
 full-batch forward (dropout masks are replayed by restoring the RNG state per chunk), at the memory of one chunk.
+
+Under ``torchrun`` (``dense.distributed``) the global batch of ``batch_size`` queries is split evenly over the ranks;
+query and passage embeddings are all-gathered, so every rank computes the loss of the whole global batch (every
+passage of every rank is a negative for every query) but back-propagates only through its own slice, and the
+gradients are summed over the ranks. Loss and update are those of one process with the same global batch (up to
+float rounding and dropout masks, which each rank draws from its own RNG). Rank 0 writes checkpoints and the model;
+each checkpoint keeps every rank's RNG state, so a resumed run with the same number of ranks is the same run.
 """
 
 from __future__ import annotations
@@ -36,8 +43,18 @@ from transformers import get_linear_schedule_with_warmup
 
 from dense.atomic import atomic_directory, sha256_file
 from dense.config import OPERATIONAL_TRAIN_FIELDS, EncoderConfig, TrainConfig
+from dense.distributed import (
+    SINGLE,
+    DistContext,
+    DistributedSetupError,
+    all_reduce_gradients,
+    broadcast_parameters,
+    gather_with_grad,
+    init_distributed,
+    run_on_main,
+)
 from dense.encoder import build_encoder, load_encoder
-from dense.encoder_base import MANIFEST_FILE, DenseEncoder, resolve_device
+from dense.encoder_base import MANIFEST_FILE, DenseEncoder
 from dense.training_data import TrainingRecord, source_counts
 
 logger = logging.getLogger(__name__)
@@ -92,6 +109,10 @@ class TrainingBatches(Dataset):
 
     Passages are laid out ``[pos, neg_1..neg_H]`` per query. ``exclude[i, j]`` is True where passage ``j`` is a
     known positive of query ``i`` other than its own target, so it is never pushed away as a negative.
+
+    With ``world_size`` > 1 the texts are those of rank ``rank``'s share of the global batch (queries
+    ``[rank * b, (rank + 1) * b)`` with ``b = batch_size / world_size``, and their passages); ``exclude`` is always
+    the global ``(batch_size, passages)`` mask, because every rank scores the gathered global batch.
     """
 
     def __init__(
@@ -100,12 +121,20 @@ class TrainingBatches(Dataset):
         passage_text: Callable[[str], str],
         encoder: DenseEncoder,
         config: TrainConfig,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if config.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} cannot be split evenly over {world_size} processes; make it a "
+                "multiple of the number of processes (it is the global batch: each process takes an equal share)"
+            )
         self.records = records
         self.passage_text = passage_text
         self.tokenize_queries = encoder.tokenize_queries
         self.tokenize_passages = encoder.tokenize_passages
         self.config = config
+        self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(records) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(records)} training records are fewer than one batch of {config.batch_size}")
@@ -157,6 +186,9 @@ class TrainingBatches(Dataset):
             for pid in self.records[int(r)].positives:
                 for j in columns.get(pid, ()):
                     exclude[i, j] = j != i * per_query
+        share = len(queries) // self.world_size
+        queries = queries[self.rank * share : (self.rank + 1) * share]
+        pids = pids[self.rank * share * per_query : (self.rank + 1) * share * per_query]
         chunk = self.config.grad_cache_chunk or max(len(queries), len(pids))
         texts = [self.passage_text(pid) for pid in pids]
         return {
@@ -190,18 +222,30 @@ class _RngSnapshot:
             yield
 
 
-def full_batch_loss(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> float:
-    """One forward over the whole batch and backward; returns the loss."""
+def full_batch_loss(
+    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE
+) -> float:
+    """One forward over the (local) batch, the loss over the gathered global batch, backward; returns the loss.
+
+    Under ``context`` the gradients are this rank's part of the global batch's; :func:`train` sums them over ranks.
+    """
     with encoder.autocast(bf16):
         q = torch.cat([encoder.encode_query(encoder.to_device(c)) for c in batch["queries"]])
         p = torch.cat([encoder.encode_passage(encoder.to_device(c)) for c in batch["passages"]])
+    q, p = gather_with_grad(q, context), gather_with_grad(p, context)
     loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(q.device))
     loss.backward()
     return float(loss.detach())
 
 
-def grad_cache_loss(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> float:
-    """GradCache: the full-batch loss and gradients, computed one chunk of texts at a time."""
+def grad_cache_loss(
+    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE
+) -> float:
+    """GradCache: the full-batch loss and gradients, computed one chunk of texts at a time.
+
+    Under ``context`` the cached embeddings of all ranks are gathered for the loss; each rank then replays only its
+    own chunks with the gradient of the global loss with respect to its own embeddings.
+    """
     device = encoder.device
     encoders = [(encoder.encode_query, batch["queries"]), (encoder.encode_passage, batch["passages"])]
     reps: list[torch.Tensor] = []
@@ -215,7 +259,7 @@ def grad_cache_loss(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool)
                     parts.append(encode(encoder.to_device(chunk)))
             snapshots.append(snaps)
             reps.append(torch.cat(parts).detach().requires_grad_())
-    q, p = reps
+    q, p = (gather_with_grad(r, context) for r in reps)
     loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(device))
     loss.backward()
     for (encode, chunks), snaps, rep in zip(encoders, snapshots, reps, strict=True):
@@ -344,6 +388,42 @@ def _run_validation(validate: Validate, encoder: DenseEncoder, step: int, log_pa
     return metrics
 
 
+def _restore_rng(state: Mapping[str, Any], context: DistContext) -> None:
+    """This rank's RNG state from a checkpoint (rank 0's for checkpoints of a single-process run)."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) != context.world_size:
+        logger.warning(
+            "the checkpoint was written by a run with %d process(es), this one has %d: the model, optimizer and "
+            "batches continue exactly, dropout masks do not", len(per_rank), context.world_size,
+        )
+    _set_rng_state(per_rank[context.rank] if context.rank < len(per_rank) else per_rank[0])
+
+
+def _latest_checkpoint(ckpt_root: Path, resume: bool, context: DistContext) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (rank 0 removes half-written ones first); every rank must see the same."""
+
+    def clean_and_list() -> tuple[int, Path] | None:
+        for stale in ckpt_root.glob("step-*.tmp-*") if ckpt_root.is_dir() else ():
+            shutil.rmtree(stale)  # half-written checkpoint of a killed run
+        checkpoints = list_checkpoints(ckpt_root)
+        if checkpoints and not resume:
+            raise TrainingStateError(
+                f"{ckpt_root} already holds checkpoints (latest step {checkpoints[-1][0]}); pass resume=True "
+                "(--resume) to continue that run, or use a fresh output directory"
+            )
+        return checkpoints[-1] if checkpoints else None
+
+    latest = run_on_main(context, clean_and_list)
+    mine = list_checkpoints(ckpt_root)
+    seen = context.all_gather_object(mine[-1][0] if mine else None)
+    if context.enabled and len(set(seen)) > 1:
+        raise DistributedSetupError(
+            f"the ranks see different checkpoints in {ckpt_root} (latest step per rank: {seen}); on several "
+            "machines the output directory must be on a filesystem they share"
+        )
+    return latest
+
+
 def train(
     encoder_config: EncoderConfig,
     train_config: TrainConfig,
@@ -358,12 +438,18 @@ def train(
     """Train and save the encoder to ``out_dir/model`` (with a manifest); return that directory.
 
     ``passage_text`` maps pid to text (a dict or a function). ``validate(encoder) -> {metric: value}`` only
-    monitors: it runs every ``eval_every`` steps and at the end, and its numbers go to ``validation.jsonl`` and the
-    manifest; the model saved is always the last step's (no checkpoint is selected on it). Give it held-out train
-    queries, never an evaluation split. Checkpoints go to
+    monitors: it runs every ``eval_every`` steps and at the end (on rank 0), and its numbers go to
+    ``validation.jsonl`` and the manifest; the model saved is always the last step's (no checkpoint is selected on
+    it). Give it held-out train queries, never an evaluation split. Checkpoints go to
     ``out_dir/checkpoints/step-N``; with ``resume`` the latest one is continued exactly, without it an existing
     checkpoint is an error. ``data_files`` are recorded (path, sha256) in the manifest.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this with the same arguments and trains its
+    share of each global batch (see the module docstring); ``device`` ``None`` or ``"cuda"`` is the rank's own GPU.
+    On several machines ``out_dir`` must be on a filesystem they share (checkpoints are written by rank 0 and read
+    by all on resume).
     """
+    context = init_distributed()
     out_dir = Path(out_dir)
     model_dir, ckpt_root = out_dir / "model", out_dir / "checkpoints"
     total = total_steps(len(records), train_config)
@@ -379,23 +465,16 @@ def train(
         logger.info("dense training: %s is up to date (%d steps); nothing to do", model_dir, manifest["steps"])
         return model_dir
 
-    for stale in ckpt_root.glob("step-*.tmp-*") if ckpt_root.is_dir() else ():
-        shutil.rmtree(stale)  # half-written checkpoint of a killed run
-    checkpoints = list_checkpoints(ckpt_root)
-    if checkpoints and not resume:
-        raise TrainingStateError(
-            f"{ckpt_root} already holds checkpoints (latest step {checkpoints[-1][0]}); pass resume=True "
-            "(--resume) to continue that run, or use a fresh output directory"
-        )
+    latest = _latest_checkpoint(ckpt_root, resume, context)
     if isinstance(passage_text, Mapping):
         check_passages_exist(records, passage_text)
     lookup = _passage_lookup(passage_text)
-    device = resolve_device(device)
+    device = context.resolve_device(device)
 
     seed_everything(train_config.seed)
     start_step, elapsed, state = 0, 0.0, None
-    if checkpoints:
-        start_step, ckpt = checkpoints[-1]
+    if latest is not None:
+        start_step, ckpt = latest
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
         _check_same_run(state, identity, ckpt / STATE_FILE)
         encoder = load_encoder(ckpt / "model", device=device)
@@ -403,18 +482,23 @@ def train(
         logger.info("resuming from %s (step %d of %d)", ckpt, start_step, total)
     else:
         encoder = build_encoder(encoder_config, device=device)
+    broadcast_parameters(encoder, context)
     if train_config.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     encoder.train()
 
     optimizer = make_optimizer(encoder, train_config)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train_config.warmup_ratio * total), total)
+    loss_curve: list[dict[str, float]] = []
+    window_loss, window_steps = 0.0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        _restore_rng(state, context)
+        loss_curve = list(state.get("loss_curve", []))
+        window_loss, window_steps = state.get("loss_window", (0.0, 0))
 
-    dataset = TrainingBatches(records, lookup, encoder, train_config)
+    dataset = TrainingBatches(records, lookup, encoder, train_config, context.rank, context.world_size)
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -426,20 +510,22 @@ def train(
     )
     step_fn = grad_cache_loss if train_config.grad_cache_chunk else full_batch_loss
     logger.info(
-        "dense training: %d records (%s), %d steps (%d per epoch), batch %d x (1 + %d negatives), %s, device %s",
+        "dense training: %d records (%s), %d steps (%d per epoch), batch %d x (1 + %d negatives)%s, %s, device %s",
         len(records), source_counts(records), total, dataset.steps_per_epoch, train_config.batch_size,
         train_config.hard_negatives,
+        f" over {context.world_size} processes (rank {context.rank})" if context.enabled else "",
         f"GradCache chunks of {train_config.grad_cache_chunk}" if train_config.grad_cache_chunk else "full batch",
         device,
     )
 
     validation_log = out_dir / VALIDATION_LOG
     out_dir.mkdir(parents=True, exist_ok=True)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_start = time.perf_counter()
     run_start, last_loss, step = time.perf_counter(), float("nan"), start_step
-    progress = tqdm(total=total, initial=start_step, desc="train dense", unit="step")
+    progress = tqdm(total=total, initial=start_step, desc="train dense", unit="step", disable=not context.is_main)
     for step, batch in zip(range(start_step + 1, total + 1), loader, strict=True):
-        last_loss = step_fn(encoder, batch, train_config.bf16)
+        last_loss = step_fn(encoder, batch, train_config.bf16, context)
+        all_reduce_gradients(encoder.parameters(), context)
         if train_config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), train_config.max_grad_norm)
         optimizer.step()
@@ -452,39 +538,51 @@ def train(
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
         if step % train_config.log_every == 0 or step == total:
             seconds = time.perf_counter() - window_start
-            logger.info("step %d/%d loss %.4f lr %.3e %.1f queries/s", step, total, window_loss / window_steps, lr,
-                        window_steps * train_config.batch_size / max(seconds, 1e-9))
+            loss_curve.append({"step": step, "loss": window_loss / window_steps})
+            if context.is_main:
+                logger.info("step %d/%d loss %.4f lr %.3e %.1f queries/s", step, total, window_loss / window_steps,
+                            lr, window_steps * train_config.batch_size / max(seconds, 1e-9))
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if step % train_config.checkpoint_every == 0 and step < total:
-            extra = {**identity, "seconds": elapsed + time.perf_counter() - run_start}
-            save_checkpoint(ckpt_root, step, encoder, optimizer, scheduler, extra, train_config.keep_checkpoints)
+            rngs = context.all_gather_object(_rng_state())
+            if context.is_main:
+                extra = {**identity, "seconds": elapsed + time.perf_counter() - run_start, "rng_per_rank": rngs,
+                         "loss_curve": loss_curve, "loss_window": (window_loss, window_steps)}
+                save_checkpoint(ckpt_root, step, encoder, optimizer, scheduler, extra, train_config.keep_checkpoints)
+            context.barrier()
         if validate is not None and train_config.eval_every and step % train_config.eval_every == 0 and step < total:
-            _run_validation(validate, encoder, step, validation_log)
+            if context.is_main:
+                _run_validation(validate, encoder, step, validation_log)
+            context.barrier()
     progress.close()
 
-    if validate is not None:
-        _run_validation(validate, encoder, total, validation_log)
     seconds = elapsed + time.perf_counter() - run_start
     trained_now = total - start_step
     logger.info("dense training done: %d steps in %.1f s (this run: %d steps, %.1f queries/s)", total, seconds,
                 trained_now, trained_now * train_config.batch_size / max(time.perf_counter() - run_start, 1e-9))
-    manifest = {
-        "stage": "dense_model",
-        **identity,
-        "train_config_full": train_config.to_dict(),
-        "data": {
-            "records": len(records),
-            "sources": source_counts(records),
-            "files": [{"path": str(f), "sha256": sha256_file(Path(f))} for f in data_files],
-        },
-        "steps": total,
-        "steps_per_epoch": dataset.steps_per_epoch,
-        "seconds": round(seconds, 1),
-        "final_loss": last_loss,
-        "validation": _read_validation_log(validation_log, total),
-        "device": str(device),
-        "versions": _versions(),
-    }
-    encoder.save(model_dir, manifest=manifest)
-    logger.info("dense training: final model in %s", model_dir)
+    if context.is_main:
+        if validate is not None:
+            _run_validation(validate, encoder, total, validation_log)
+        manifest = {
+            "stage": "dense_model",
+            **identity,
+            "train_config_full": train_config.to_dict(),
+            "data": {
+                "records": len(records),
+                "sources": source_counts(records),
+                "files": [{"path": str(f), "sha256": sha256_file(Path(f))} for f in data_files],
+            },
+            "steps": total,
+            "steps_per_epoch": dataset.steps_per_epoch,
+            "seconds": round(seconds, 1),
+            "final_loss": last_loss,
+            "loss_curve": loss_curve,
+            "world_size": context.world_size,
+            "validation": _read_validation_log(validation_log, total),
+            "device": str(device),
+            "versions": _versions(),
+        }
+        encoder.save(model_dir, manifest=manifest)
+        logger.info("dense training: final model in %s", model_dir)
+    context.barrier()
     return model_dir

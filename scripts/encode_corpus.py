@@ -2,6 +2,9 @@
 
     python scripts/encode_corpus.py --model-dir artifacts/dense_model/model \
         --collection "$MSMARCO_DIR/collection.tsv" [--out-dir artifacts/dense_index/embeddings]
+
+    # one process per GPU, the shards dealt out over them (the same arguments on every process)
+    torchrun --nproc_per_node=4 scripts/encode_corpus.py --model-dir ... --collection ...
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from dense.encoder import load_encoder  # imports torch/transformers: only once the arguments are valid
+    # torch/transformers are imported only once the arguments are valid
+    from dense.distributed import init_distributed, shutdown_distributed
+    from dense.encoder import load_encoder
 
-    encoder = load_encoder(args.model_dir, device=args.device)
+    context = init_distributed()  # a torchrun launch: one rank per GPU; a plain run: one process
+    encoder = load_encoder(args.model_dir, device=context.resolve_device(args.device))
     result = encode_corpus(
         encoder,
         Collection(args.collection, args.limit),
@@ -47,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         model_fingerprint=args.model_fingerprint or directory_fingerprint(args.model_dir),
         encoder_config=encoder.config.to_dict(),
         overwrite=args.overwrite,
+        context=context,
     )
+    shutdown_distributed()
+    if not context.is_main:
+        return 0
     print(f"{result.count} x {result.dim} {result.embeddings.dtype} embeddings in {result.directory}")
     return 0
 

@@ -8,6 +8,12 @@
 
 A config is ``FILE.toml[#section.sub]``, ``FILE.json[#section]`` or an inline JSON object. A record file may carry
 ``,cap=N`` (use at most N records) and ``,weight=W`` (repeat or subsample them).
+
+On several GPUs, the same command under torchrun (the batch size stays the global batch, split over the processes;
+see README "Multi-GPU and multi-node"):
+
+    torchrun --nproc_per_node=4 scripts/train_dense.py --encoder-config ... --train-config ... --records ... \
+        --collection ... --out artifacts/dense_model
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from dense.config import EncoderConfig, TrainConfig
+    from dense.distributed import init_distributed, shutdown_distributed
     from dense.training import train
     from dense.training_data import RecordSource, mix_records, read_passages, record_pids
 
@@ -72,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         from hybrid.artifacts import artifacts_dir, stage_dir
 
         args.out = stage_dir(artifacts_dir(), "dense_train")
+    context = init_distributed()  # under torchrun: this process's rank; otherwise one process
     model_dir = train(
         encoder_config, train_config, records, passages, args.out, resume=args.resume,
         data_files=[s.path for s in sources], device=args.device,
     )
-    print(f"trained encoder in {model_dir}")
+    shutdown_distributed()
+    if context.is_main:
+        print(f"trained encoder in {model_dir}")
     return 0
 
 
