@@ -3,9 +3,10 @@
 Only sizes change (queries, steps, batch, shards, depths of the evaluation), plus what cannot be had here: the data
 comes from a local HTTP server serving a toy MS MARCO in the official archives, names and formats (with a passage
 holding a carriage return, as the real collection does); ``bert-base-uncased`` and SmolLM2 are replaced by tiny
-random models of the same architectures, saved as local directories; bf16 is off where the machine has none (this CPU). Every
-stage runs, with the config's own pooling, lengths, GradCache, hard negatives, HNSW parameters, LLM synthetic
-queries with the prefix-cached generator, rerank depth and time budget. Then ``Retriever()`` answers.
+random models of the same architectures, saved as local directories (tests/recipe_models.py); bf16 is off where the
+machine has none (this CPU). Every stage runs, with the config's own pooling, lengths, GradCache, hard negatives,
+DataLoader workers, encoding batch, HNSW parameters, LLM synthetic queries with the prefix-cached generator, rerank
+depth and time budget, and k=1000 evaluation. Then ``Retriever()`` answers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from official_msmarco import FileServer, OfficialData, served_at_official_names, toy_resources
+from recipe_models import bf16_available, tiny_bert, tiny_chat_lm
 from retriever_fixture import ATTRIBUTES, FILLER, SUBJECTS
 
 from hybrid.config import PipelineConfig, load_config
@@ -30,10 +32,6 @@ N_TRAIN, N_HOLDOUT, N_DEV = 110, 30, 12
 SYNTHETIC_PASSAGES, TRAIN_STEPS, CHECKPOINT_EVERY = 30, 6, 3
 CR_PID = "7000005"  # the passage with a carriage return inside (the official collection has one)
 CR_TEXT = "the climate of paris\ris mild, a carriage return inside the passage as in the official file"
-CHAT_TEMPLATE = (  # SmolLM2-Instruct's turn markers
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def toy_msmarco(seed: int = 0) -> OfficialData:
@@ -77,53 +75,6 @@ def toy_msmarco(seed: int = 0) -> OfficialData:
         dl20_queries={str(900 + n): f"how is the {a} of {s}" for n, (_, s, a) in enumerate(dl20_topics)},
         dl20_qrels=graded(dl20_topics, 3),
     )
-
-
-def tiny_bert(texts: list[str], out: Path) -> Path:
-    """bert-base-uncased's architecture and tokenizer kind (lowercasing WordPiece, 512 positions), 2 x 32 wide."""
-    import torch
-    from dense_fixtures import train_wordpiece_tokenizer
-    from transformers import BertConfig, BertModel
-
-    tokenizer = train_wordpiece_tokenizer(texts)
-    tokenizer.model_max_length = 512
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def tiny_chat_lm(texts: list[str], out: Path) -> Path:
-    """A random 1-layer Llama with a byte-level BPE tokenizer and SmolLM2's chat turns (for generation and QL)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([*texts, "user assistant system Passage Query :\n"], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=2048)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def bf16_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def toy_overrides(urls: dict[str, str], bert: Path, lm: Path) -> list[str]:
