@@ -7,12 +7,13 @@ CONFIG ?= configs/cpu-marco43k.toml
 MSMARCO_DIR ?= $(abspath ../shared/data/marco43k)
 export MSMARCO_DIR
 PYTEST_ARGS ?=
+SMOKE_ARGS ?=
 # faiss build: cpu (default) or gpu (faiss-gpu-cu12, on the GPU box: `make run CONFIG=configs/a10g-full.toml FAISS=gpu`).
 # Both wheels install the same `faiss` package and must never be installed together (pyproject.toml, extras).
 FAISS ?= cpu
 OTHER_FAISS = $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
 
-.PHONY: install run test anchor synthetic synthetic-publish clean-artifacts
+.PHONY: install run test gpu-smoke anchor synthetic synthetic-publish clean-artifacts
 
 $(VENV)/.installed-$(FAISS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,11 @@ synthetic-publish: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# On the GPU box, before a full run (at most 8 minutes): the A10G recipe's measured throughput on the pool and the
+# full-scale times extrapolated from it (scripts/gpu_smoke.sh). Refuses to start without a CUDA GPU.
+gpu-smoke: install
+	PYTHON=$(PY) scripts/gpu_smoke.sh --data-dir $(MSMARCO_DIR) $(SMOKE_ARGS)
 
 clean-artifacts:
 	rm -rf artifacts
