@@ -13,7 +13,8 @@ step does not depend on which passages fill it), so nothing needs Java. Without 
 
 When ``bert-base-uncased`` cannot be downloaded (a GPU box without internet), training and encoding time a
 randomly initialised model of the same architecture (``BertConfig()``) with a WordPiece vocabulary trained on the
-pool: the same FLOPs per token, so the same throughput; the table says so.
+pool: the same FLOPs per token, so the same throughput; the table says so. (Set ``HF_HUB_OFFLINE=1`` there, so the
+lookup fails at once instead of after network timeouts.)
 """
 
 from __future__ import annotations
