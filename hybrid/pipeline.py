@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
 STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
+# stages that run on every process of a torchrun launch (dense/distributed.py); the others run on rank 0 only
+DISTRIBUTED_STAGES = ("dense_train", "dense_index")
 # what each stage reads (its fingerprint includes theirs)
 UPSTREAM = {
     "data": (),
@@ -63,6 +65,16 @@ class Pipeline:
         self._fingerprints: dict[str, str] = {}
         self._bm25 = None
         self._store = None
+        self._context = None
+
+    @property
+    def context(self):
+        """This process's place in a ``torchrun`` launch (``dense.distributed.SINGLE`` in a plain run)."""
+        if self._context is None:
+            from dense.distributed import current_context
+
+            self._context = current_context()
+        return self._context
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     def _section(self, stage: str) -> dict[str, Any]:
@@ -107,14 +119,27 @@ class Pipeline:
         return record
 
     def run(self, stages: Sequence[str] | None = None, force: Sequence[str] = ()) -> dict[str, dict]:
-        """Run the given stages (default: all) in order; returns each stage's ``stage.json``."""
+        """Run the given stages (default: all) in order; returns each stage's ``stage.json``.
+
+        Under ``torchrun`` every process runs :data:`DISTRIBUTED_STAGES` together (dense training on its share of
+        each batch, corpus encoding on its share of the shards); rank 0 alone writes ``stage.json`` and runs the
+        stages after them, the other ranks stop there. The stages before them must already be up to date (run them
+        in one process first), so no rank waits for hours at a barrier.
+        """
+        from dense.distributed import init_distributed
+
         wanted = list(stages or STAGES)
         unknown = [s for s in [*wanted, *force] if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {STAGES}")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._context = context = init_distributed()
+        ordered = [s for s in STAGES if s in wanted]
+        if context.enabled:
+            ordered = self._distributed_plan(ordered, force)
+        if context.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
         done: dict[str, dict] = {}
-        bar = tqdm([s for s in STAGES if s in wanted], desc="pipeline", unit="stage")
+        bar = tqdm(ordered, desc="pipeline", unit="stage", disable=not context.is_main)
         for stage in bar:
             bar.set_postfix_str(stage)
             if stage not in force and self.up_to_date(stage):
@@ -130,9 +155,30 @@ class Pipeline:
             logger.info("stage %s: running", stage)
             start = time.time()
             summary = getattr(self, f"_run_{stage}")()
-            done[stage] = self._finish(stage, summary, time.time() - start)
+            done[stage] = self._finish(stage, summary, time.time() - start) if context.is_main else summary
+            if stage in DISTRIBUTED_STAGES:
+                context.barrier()  # the next distributed stage checks this one's stage.json on every rank
             logger.info("stage %s: done in %.1f s", stage, time.time() - start)
         return done
+
+    def _distributed_plan(self, ordered: list[str], force: Sequence[str]) -> list[str]:
+        """The stages this rank runs in a torchrun launch (see :meth:`run`)."""
+        distributed = [i for i, s in enumerate(ordered) if s in DISTRIBUTED_STAGES]
+        if not distributed:
+            raise ArtifactError(
+                f"a torchrun launch runs the stages {DISTRIBUTED_STAGES} on every process, but none of {ordered} "
+                "is one of them; run the pipeline in one process (python scripts/run_pipeline.py ...)"
+            )
+        before = [s for s in ordered[: distributed[0]] if s in force or not self.up_to_date(s)]
+        if before:
+            raise ArtifactError(
+                f"under torchrun the stages {sorted(set(before))} would run on rank 0 while the other processes "
+                "wait; run them in one process first (python scripts/run_pipeline.py --config ... --stages "
+                f"{' '.join(dict.fromkeys(before))}), then launch torchrun for {' '.join(DISTRIBUTED_STAGES)}"
+            )
+        if self.context.is_main:
+            return ordered
+        return ordered[: distributed[-1] + 1]
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _data_source_dir(self) -> Path:
@@ -299,7 +345,7 @@ class Pipeline:
         return queries, qrels, dense_qids, fusion_qids
 
     def _training_records(self):
-        from dense.training_data import mine_hard_negatives, read_msmarco_train_records, read_records
+        from dense.training_data import read_msmarco_train_records, read_records
 
         c = self.config.dense
         queries, qrels, dense_qids, _ = self.real_train_split()
@@ -316,11 +362,23 @@ class Pipeline:
         for q in dense_qids:
             known.setdefault(q, set()).update(p for p, g in qrels[q].items() if g > 0)
         if c.hard_negatives > 0:
-            records = mine_hard_negatives(
-                records, self.bm25().batch_search, depth=c.hard_negatives_depth, n_negatives=c.hard_negatives,
-                known_positives=known,
-            )
+            records = self._mine(records, self.bm25().batch_search, depth=c.hard_negatives_depth,
+                                 n_negatives=c.hard_negatives, known_positives=known)
         return records, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
+
+    def _mine(self, records: list, search, **options: Any) -> list:
+        """``mine_hard_negatives``; under torchrun each rank mines every ``world_size``-th record and all ranks get
+        the whole list back, in order."""
+        from dense.training_data import mine_hard_negatives
+
+        context = self.context
+        if not context.enabled:
+            return mine_hard_negatives(records, search, **options)
+        share = mine_hard_negatives(records[context.rank :: context.world_size], search, **options)
+        mined: list = [None] * len(records)
+        for rank, part in enumerate(context.all_gather_object(share)):
+            mined[rank :: context.world_size] = part
+        return mined
 
     def _base_model(self) -> str:
         c = self.config.dense
@@ -337,18 +395,24 @@ class Pipeline:
         train_config = TrainConfig.from_dict({"seed": self.config.seed, **c.train})
         records, counts = self._training_records()
         out = stage_dir(self.root, "dense_train")
-        # A finished model or checkpoints from other inputs must not be mistaken for this run's; checkpoints made
-        # with the same inputs (a killed run) resume.
-        marker = out / "inputs_fingerprint.txt"
-        if marker.exists() and marker.read_text().strip() != self.inputs_fingerprint("dense_train"):
-            for stale in ("model", "checkpoints"):
-                shutil.rmtree(out / stale, ignore_errors=True)
-        elif read_stage(self.root, "dense_train") is not None:
-            shutil.rmtree(out / "model", ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(marker, self.inputs_fingerprint("dense_train") + "\n")
-        model_dir = train(encoder_config, train_config, records, self.passages().get, out,
-                          resume=(out / "checkpoints").exists())
+
+        def prepare() -> bool:
+            # A finished model or checkpoints from other inputs must not be mistaken for this run's; checkpoints
+            # made with the same inputs (a killed run) resume.
+            marker = out / "inputs_fingerprint.txt"
+            if marker.exists() and marker.read_text().strip() != self.inputs_fingerprint("dense_train"):
+                for stale in ("model", "checkpoints"):
+                    shutil.rmtree(out / stale, ignore_errors=True)
+            elif read_stage(self.root, "dense_train") is not None:
+                shutil.rmtree(out / "model", ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(marker, self.inputs_fingerprint("dense_train") + "\n")
+            return (out / "checkpoints").exists()
+
+        from dense.distributed import run_on_main
+
+        resume = run_on_main(self.context, prepare)  # rank 0 decides; every rank then trains its share
+        model_dir = train(encoder_config, train_config, records, self.passages().get, out, resume=resume)
         from dense.corpus_encoding import directory_fingerprint
 
         return {"model_fingerprint": directory_fingerprint(model_dir), "records": len(records), **counts}
@@ -356,7 +420,8 @@ class Pipeline:
     def encoder(self):
         from dense.encoder import load_encoder
 
-        return load_encoder(stage_dir(self.root, "dense_train") / "model")
+        # under torchrun: this rank's GPU
+        return load_encoder(stage_dir(self.root, "dense_train") / "model", device=self.context.resolve_device(None))
 
     # ---- corpus encoding + faiss -----------------------------------------------------------------------------
     def _run_dense_index(self) -> dict:
@@ -371,8 +436,10 @@ class Pipeline:
         corpus = encode_corpus(
             encoder, Collection(data.collection_path), out / "embeddings",
             batch_size=c.encode_batch_size, shard_size=c.encode_shard_size, model_fingerprint=model_fp,
-            overwrite=True,
+            overwrite=True, context=self.context,
         )
+        if not self.context.is_main:  # the index is built once, by rank 0
+            return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim}
         index_dir = index_corpus(out / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
                                  index_dir=out / "faiss", force=True)
         return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim,

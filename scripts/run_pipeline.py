@@ -5,6 +5,12 @@
     python scripts/run_pipeline.py --config configs/cpu-marco43k.toml --set dense.train.max_steps=100
 
 Stages whose inputs did not change are skipped; interrupted long stages resume from their checkpoints.
+
+On several GPUs, once the stages before them are done, dense training and corpus encoding run on one process per
+GPU (rank 0 then runs the stages after them alone):
+
+    torchrun --nproc_per_node=4 scripts/run_pipeline.py --config configs/a10g-full.toml \
+        --stages dense_train dense_index fusion rerank evaluate
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     pipeline = Pipeline(config, args.artifacts)
     done = pipeline.run(args.stages, args.force)
+    from dense.distributed import shutdown_distributed
+
+    shutdown_distributed()
+    if not pipeline.context.is_main:
+        return
     total = sum(d.get("seconds", 0) for d in done.values())
     print(f"\nartifacts in {pipeline.root}; stage times: "
           + ", ".join(f"{s} {d.get('seconds', 0):.0f}s" for s, d in done.items()) + f" (this run's stages: {total:.0f}s)")

@@ -35,6 +35,8 @@ class TinyArtifacts:
     data: Path  # the canonical data directory it was built from
     built_at: Path  # where the pipeline wrote it (no longer exists)
     dev_queries: dict[str, str]
+    config_path: Path  # the config file and the overrides the pipeline ran with (to run a stage again)
+    overrides: tuple[str, ...]
 
 
 def write_tiny_corpus(out: Path, seed: int = 0) -> Path:
@@ -103,35 +105,34 @@ def build_tiny_artifacts(base: Path) -> TinyArtifacts:
     built_at = base / "built-here"
     backbone = tiny_encoder_backbone(texts, base / "tiny-bert")
     lm = tiny_causal_lm(texts, built_at / "base_models" / "tiny-lm")  # inside, as smollm2_dir puts SmolLM2
-    config = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml",
-        [
-            f'data.dir="{data}"',
-            'data.eval_splits=["dev"]',
-            f"data.subset_distractors={SUBSET_DISTRACTORS}",
-            'sparse.heap="1g"',
-            "synthetic.methods=[]",
-            'synthetic.precomputed=""',  # the committed set's passages are not in this corpus
-            f'dense.base_model="{backbone}"',
-            "dense.base_layers=0",
-            "dense.hard_negatives_depth=10",
-            "dense.encode_batch_size=128",
-            "dense.encode_shard_size=500",
-            "dense.encoder.query_max_len=16",
-            "dense.encoder.passage_max_len=32",
-            "dense.train.max_steps=4",
-            "dense.train.batch_size=8",
-            "dense.train.checkpoint_every=2",
-            "fusion.holdout_queries=30",
-            f"fusion.depth={FUSION_DEPTH}",
-            "rerank.enabled=true",
-            f'rerank.model="{lm}"',
-            f"rerank.depth={RERANK_DEPTH}",
-            "rerank.max_passage_tokens=24",
-            "rerank.default=true",
-        ],
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml"
+    overrides = (
+        f'data.dir="{data}"',
+        'data.eval_splits=["dev"]',
+        f"data.subset_distractors={SUBSET_DISTRACTORS}",
+        'sparse.heap="1g"',
+        "synthetic.methods=[]",
+        'synthetic.precomputed=""',  # the committed set's passages are not in this corpus
+        f'dense.base_model="{backbone}"',
+        "dense.base_layers=0",
+        "dense.hard_negatives_depth=10",
+        "dense.encode_batch_size=128",
+        "dense.encode_shard_size=500",
+        "dense.encoder.query_max_len=16",
+        "dense.encoder.passage_max_len=32",
+        "dense.train.max_steps=4",
+        "dense.train.batch_size=8",
+        "dense.train.checkpoint_every=2",
+        "fusion.holdout_queries=30",
+        f"fusion.depth={FUSION_DEPTH}",
+        "rerank.enabled=true",
+        f'rerank.model="{lm}"',
+        f"rerank.depth={RERANK_DEPTH}",
+        "rerank.max_passage_tokens=24",
+        "rerank.default=true",
     )
+    config = load_config(config_path, list(overrides))
     Pipeline(config, built_at).run(["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank"])
     root = base / "artifacts"
     built_at.rename(root)
-    return TinyArtifacts(root, data, built_at, MsMarcoDir(data).queries("dev"))
+    return TinyArtifacts(root, data, built_at, MsMarcoDir(data).queries("dev"), config_path, overrides)

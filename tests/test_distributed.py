@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +125,8 @@ def test_two_processes_train_what_one_process_trains(runs: dict[str, Path], tmp_
     assert losses[-1] < losses[0]  # it learned: the comparison is not between two untouched models
     untrained = build_encoder(tiny_encoder_config(runs["backbone"]), device="cpu")
     trained = load_encoder(distributed)
-    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(untrained.parameters(), trained.parameters()))
+    pairs = zip(untrained.parameters(), trained.parameters(), strict=True)
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in pairs)
 
 
 @pytest.mark.slow
@@ -165,3 +168,47 @@ def test_launch_environment_and_single_process_defaults() -> None:
     x = torch.ones(3, requires_grad=True)
     assert gather_with_grad(x, SINGLE) is x
     assert DistContext(1, 2, 1).resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_its_dense_stages_on_two_processes(tiny_artifacts, tmp_path: Path) -> None:
+    from hybrid.artifacts import stage_dir
+    from hybrid.retriever import Retriever
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts.root, root)
+    shutil.rmtree(root / "dense_model" / "checkpoints")  # train from the start, not from the one-process checkpoint
+    stages = ["dense_train", "dense_index", "fusion"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "scripts" / "run_pipeline.py"), "--config", str(tiny_artifacts.config_path),
+               *(f"--set={o}" for o in tiny_artifacts.overrides), "--artifacts", str(root),
+               "--stages", *stages, "--force", *stages]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    started = time.time_ns()
+    done = subprocess.run(command, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert manifest(root / "dense_model" / "model")["world_size"] == 2
+    assert json.loads((root / "dense_index" / "embeddings" / "manifest.json").read_text())["processes"] == 2
+    for stage in stages:  # written anew by this launch (copytree kept the old files' times)
+        assert (stage_dir(root, stage) / "stage.json").stat().st_mtime_ns > started
+    retriever = Retriever(mode="hybrid", artifacts_dir=root)
+    assert len(retriever.search(next(iter(tiny_artifacts.dev_queries.values())), 5)) == 5
+    retriever.close()
+
+
+def test_a_torchrun_launch_refuses_to_wait_for_stages_before_the_dense_ones(tiny_artifacts) -> None:
+    from hybrid.artifacts import ArtifactError
+    from hybrid.config import load_config
+    from hybrid.pipeline import Pipeline
+
+    pipeline = Pipeline(load_config(tiny_artifacts.config_path, list(tiny_artifacts.overrides)), tiny_artifacts.root)
+    pipeline._context = DistContext(rank=1, world_size=2)
+    stages = ["bm25", "dense_train", "dense_index", "fusion", "evaluate"]
+    assert pipeline._distributed_plan(stages, force=()) == stages[:3]  # bm25 is up to date; rank 1 stops after encoding
+    with pytest.raises(ArtifactError, match=r"--stages bm25\)"):
+        pipeline._distributed_plan(stages, force=["bm25"])
+    with pytest.raises(ArtifactError, match="none of"):
+        pipeline._distributed_plan(["fusion"], force=())
+    pipeline._context = DistContext(rank=0, world_size=2)
+    assert pipeline._distributed_plan(stages, force=()) == stages
