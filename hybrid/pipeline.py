@@ -90,9 +90,19 @@ class Pipeline:
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
             # the artifact format joins the inputs so artifacts from an older layout (no lexicon) are rebuilt
             "fusion": asdict(c.fusion) | {"artifact_format": FUSION_ARTIFACT_FORMAT},
-            "rerank": asdict(c.rerank),
+            "rerank": self._rerank_section(),
             "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
         }[stage]
+
+    def _rerank_section(self) -> dict[str, Any]:
+        section = asdict(self.config.rerank)
+        # The cross-encoder's settings count only when it is the scorer, and the fields that came with it stay out
+        # while at their defaults, so rerank stages built before they existed (the QL scorer) stay up to date.
+        if section["scorer"] == "ql":
+            del section["scorer"], section["cross_encoder"]
+        if section["batch_size"] == 1:
+            del section["batch_size"]
+        return section
 
     def inputs_fingerprint(self, stage: str) -> str:
         if stage not in self._fingerprints:
@@ -474,7 +484,9 @@ class Pipeline:
 
     # ---- rerank ----------------------------------------------------------------------------------------------
     def _run_rerank(self) -> dict:
-        """Settings for ``Retriever(mode="rerank")``; the model needs no training, only conversion from GGUF."""
+        """Settings for ``Retriever(mode="rerank")``. The query-likelihood model needs no training, only conversion
+        from GGUF; a cross-encoder (``rerank.scorer = "cross_encoder"``) is trained here into
+        ``rerank/cross_encoder/`` (resumable) unless ``rerank.model`` names a trained one."""
         c = self.config.rerank
         out = stage_dir(self.root, "rerank")
         out.mkdir(parents=True, exist_ok=True)
@@ -485,11 +497,94 @@ class Pipeline:
             model_dir = Path(c.model)
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"rerank.model = {c.model!r} is not a model directory (no config.json)")
+            if c.scorer == "cross_encoder":
+                from fusion.cross_encoder import read_cross_encoder_config
+
+                read_cross_encoder_config(model_dir)  # a clear error when it is a plain LM, not a trained one
+        elif c.scorer == "cross_encoder":
+            model_dir = self._train_cross_encoder(out / "cross_encoder")
         else:
             model_dir = smollm2_dir(self.root)
         settings = {**asdict(c), "model_dir": to_stored_path(self.root, model_dir)}  # relative when inside root
         write_json_atomic(out / "settings.json", settings)
         return settings
+
+    def cross_encoder_base(self, section) -> str:
+        """The pretrained LM a cross-encoder starts from (``"smollm2"``: converted from the GGUF wheel)."""
+        if section.base_model != "smollm2":
+            return section.base_model
+        return str(smollm2_dir(self.root, section.base_layers or None))
+
+    def cross_encoder_records(self, section, extra: Sequence = ()) -> list:
+        """Training records of the cross-encoder: the train queries outside the fusion holdout whose positive is in
+        the corpus (a seeded sample of ``section.max_train_queries`` when set), the synthetic stage's records with
+        ``section.use_synthetic``, and ``extra``; hard negatives mined from the first stage
+        ``section.negatives_from`` (``hybrid``: the fused ranking the reranker will reorder)."""
+        import random
+
+        from dense.training_data import read_msmarco_train_records
+
+        queries, qrels, train_qids, _ = self.real_train_split()
+        if section.max_train_queries and len(train_qids) > section.max_train_queries:
+            train_qids = sorted(random.Random(self.config.seed).sample(train_qids, section.max_train_queries))
+        store = self.passages()
+        real = read_msmarco_train_records(
+            {q: queries[q] for q in train_qids}, {q: qrels[q] for q in train_qids}, store
+        )
+        records = [*real, *(self._synthetic_records() if section.use_synthetic else []), *extra]
+        known = {r.qid: set(r.positives) for r in records}
+        for q in train_qids:
+            known.setdefault(q, set()).update(p for p, g in qrels[q].items() if g > 0)
+        if section.negatives_from == "bm25":
+            search, close = self.bm25().batch_search, None
+        else:
+            from hybrid.searchers import fused_searcher
+
+            fused = fused_searcher(self.root, "hybrid", store.get_many)
+            search, close = fused.batch_search, fused.close
+        try:
+            return self._mine(records, search, depth=section.negatives_depth, n_negatives=section.negatives,
+                              known_positives=known)
+        finally:
+            if close is not None:
+                close()
+
+    def _synthetic_records(self) -> list:
+        from dense.training_data import read_records
+
+        synth_dir = stage_dir(self.root, "synthetic")
+        return [r for name in read_stage(self.root, "synthetic").get("files", [])
+                for r in read_records(synth_dir / name)]
+
+    def _train_cross_encoder(self, out: Path) -> Path:
+        from dense.training_data import read_records, write_records
+        from fusion.cross_encoder import CrossEncoderConfig
+        from fusion.cross_encoder_training import CrossEncoderTrainConfig, train_cross_encoder
+
+        section = self.config.rerank.cross_encoder
+        train_config = CrossEncoderTrainConfig.from_dict({"seed": self.config.seed, **section.train},
+                                                         where="[rerank.cross_encoder.train]")
+        # Only what the model depends on: changing the rerank depth or time budget must not retrain it. A model,
+        # checkpoints or mined records from other inputs are removed; those of the same inputs are reused/resumed.
+        inputs = fingerprint({"cross_encoder": asdict(section), "seed": self.config.seed,
+                              "fusion": self.inputs_fingerprint("fusion")})
+        marker = out / "inputs_fingerprint.txt"
+        records_path = out / "train_records.jsonl"
+        if marker.exists() and marker.read_text().strip() != inputs:
+            for stale in ("model", "checkpoints"):
+                shutil.rmtree(out / stale, ignore_errors=True)
+            records_path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(marker, inputs + "\n")
+        if records_path.is_file():  # mined by a run that was killed while training
+            records = read_records(records_path)
+        else:
+            records = self.cross_encoder_records(section)
+            write_records(records, records_path)
+        return train_cross_encoder(
+            self.cross_encoder_base(section), CrossEncoderConfig(max_length=section.max_length), train_config,
+            records, self.passages().get, out, resume=(out / "checkpoints").exists(),
+        )
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _run_evaluate(self) -> dict:

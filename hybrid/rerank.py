@@ -1,4 +1,4 @@
-"""Rerank the top of any searcher's ranking with a pairwise relevance scorer (here: query likelihood).
+"""Rerank the top of any searcher's ranking with a pairwise relevance scorer (query likelihood or a cross-encoder).
 
 :class:`RerankingSearcher` wraps a searcher with the project's one search shape (``search`` / ``batch_search``
 returning ``(pid, score)`` best first) and returns the same shape, so reranked rankings evaluate and compose like
@@ -157,9 +157,10 @@ class BudgetStats:
 class RerankingSearcher:
     """``inner``'s ranking with its top ``depth`` reordered by ``scorer`` (passage texts from ``passage_text``).
 
-    ``time_budget_s`` (``None``: no limit) caps the seconds each query spends on scoring. Candidates are scored one
-    at a time, best first; before each, the searcher checks that the slowest candidate seen so far would still
-    finish inside the budget, and stops otherwise. The candidates scored by then (a prefix of the top) are reordered
+    ``time_budget_s`` (``None``: no limit) caps the seconds each query spends on scoring. Candidates are scored
+    ``batch_size`` at a time (one by default; a GPU scores a batch in about the time of one), best first; before
+    each batch, the searcher checks that the slowest batch seen so far would still finish inside the budget, and
+    stops otherwise. The candidates scored by then (a prefix of the top) are reordered
     as :func:`rerank_with_scores` does with that shorter depth, and the rest keep ``inner``'s order below them, so the
     answer is always one consistent ranking. The clock starts when reranking starts (after the first stage) and
     includes waiting for the scorer's lock under concurrent calls. :meth:`budget_stats` counts the cuts.
@@ -167,9 +168,12 @@ class RerankingSearcher:
 
     def __init__(self, inner: BaseSearcher, scorer: PairScorer, passage_text: Callable[[list[str]], list[str]],
                  depth: int = 10, weight: float | None = 1.0, time_budget_s: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, batch_size: int = 1) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         if time_budget_s is not None and not time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 or None (no limit), got {time_budget_s}")
         self.inner, self.scorer, self.passage_text = inner, scorer, passage_text
@@ -178,7 +182,7 @@ class RerankingSearcher:
         # the scorer's tokenizer cannot be shared by threads ("Already borrowed"); the model runs on all cores anyway
         self._lock = threading.Lock()
         self._queries = self._cut = self._scored = 0
-        self._cost_estimate = 0.0  # seconds per candidate: the slowest of the last query, the guess for the next
+        self._cost_estimate = 0.0  # seconds per batch: the slowest of the last query, the guess for the next
 
     def search(self, query: str, k: int) -> Ranking:
         if k < 1:
@@ -223,20 +227,24 @@ class RerankingSearcher:
         return rerank_with_scores(ranking, np.asarray(scores, dtype=np.float64), len(scores), self.weight)
 
     def _score_within_budget(self, query: str, texts: list[str], start: float) -> list[float]:
-        """Scores of the longest prefix of ``texts`` that fits the budget (all of them without a budget).
+        """Scores of the longest prefix of ``texts`` (in whole batches) that fits the budget (all without one).
 
-        The cost of the next candidate is taken to be the slowest one measured in this query; before the first, the
+        The cost of the next batch is taken to be the slowest one measured in this query; before the first, the
         last query's. A query that scores nothing halves that guess, so one slow spell cannot switch reranking off
         for good."""
         scores: list[float] = []
         slowest = self._cost_estimate
-        for text in texts:
+        for begin in range(0, len(texts), self.batch_size):
             if self.time_budget_s is not None and self._clock() - start + slowest > self.time_budget_s:
                 break
+            batch = texts[begin : begin + self.batch_size]
             before = self._clock()
-            scores.append(float(np.asarray(self.scorer.score(query, [text]), dtype=np.float64)[0]))
+            new = np.asarray(self.scorer.score(query, batch), dtype=np.float64)
+            if new.shape != (len(batch),):
+                raise ValueError(f"the scorer returned {new.shape} scores for {len(batch)} passages")
             cost = self._clock() - before
-            slowest = cost if len(scores) == 1 else max(slowest, cost)
+            slowest = cost if not scores else max(slowest, cost)
+            scores.extend(float(x) for x in new)
         self._cost_estimate = slowest if scores else self._cost_estimate / 2
         return scores
 

@@ -33,9 +33,10 @@ class RerankReport:
 def rerank_report(
     base_name: str, base_run: Mapping[str, Ranking], queries: Mapping[str, str], qrels: Qrels, scorer: PairScorer,
     passage_text, cache: PairScoreCache, *, depths: Sequence[int], weights: Sequence[float | None],
-    rel_level: int = 1, max_queries: int | None = None, progress: bool = True,
+    rel_level: int = 1, max_queries: int | None = None, progress: bool = True, scorer_name: str = "QL",
 ) -> RerankReport:
-    """Table of the base run and every (depth, weight) reranking, p-values against the base run."""
+    """Table of the base run and every (depth, weight) reranking, p-values against the base run; ``scorer_name``
+    labels the rows (``QL``, ``CE``)."""
     qids = [q for q in evaluated_qids(qrels, rel_level) if q in queries and q in base_run][:max_queries]
     if not qids:
         raise ValueError("no judged query has both a text and a ranking in the base run")
@@ -45,7 +46,9 @@ def rerank_report(
     systems = {base_name: run}
     for depth in sorted(depths):
         for weight in weights:
-            label = f"{base_name} + QL top{depth}" + (" (QL only)" if weight is None else f" (w={weight:g})")
+            label = f"{base_name} + {scorer_name} top{depth}" + (
+                f" ({scorer_name} only)" if weight is None else f" (w={weight:g})"
+            )
             systems[label] = {q: rerank_with_scores(run[q], heads[q][:depth], depth, weight) for q in qids}
     per_query = {name: per_query_metrics(r, sub_qrels, rel_level) for name, r in systems.items()}
     metrics = {name: aggregate(pq) for name, pq in per_query.items()}

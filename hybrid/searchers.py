@@ -8,7 +8,7 @@ so a mode is a composition built once, as Pyserini builds its hybrid searcher ov
     rrf      FusedSearcher(BM25Searcher, DenseSearcher, RRFStrategy, depth)
     convex   FusedSearcher(BM25Searcher, DenseSearcher, ConvexStrategy, depth)
     hybrid   FusedSearcher(BM25Searcher, DenseSearcher, LearnedStrategy, depth)
-    rerank   RerankingSearcher(<hybrid>, QueryLikelihoodScorer, depth, time budget)
+    rerank   RerankingSearcher(<hybrid>, QueryLikelihoodScorer or CrossEncoderScorer, depth, time budget)
 
 ``depth`` (the fusion stage's, 100 by default) is what each first stage returns to the fusion, whatever ``k`` the
 caller asks for; see :mod:`fusion.searcher`.
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hybrid.artifacts import ArtifactError, from_stored_path, require_stage, stage_dir
-from hybrid.config import RerankConfig
+from hybrid.config import CrossEncoderStageConfig, RerankConfig
 
 Ranking = list[tuple[str, float]]
 PassageText = Callable[[list[str]], list[str]]
@@ -53,9 +53,14 @@ class RerankSettings:
         if not raw.get("enabled"):
             return cls(RerankConfig(), None)
         known = {f.name for f in dataclasses.fields(RerankConfig)}
-        # settings written before a field existed (e.g. time_budget_s) get the field's default
-        config = RerankConfig(**{k: v for k, v in raw.items() if k in known})
-        return cls(config, from_stored_path(root, raw["model_dir"]))
+        # settings written before a field existed (e.g. time_budget_s, scorer) get the field's default
+        values = {k: v for k, v in raw.items() if k in known}
+        if isinstance(values.get("cross_encoder"), dict):
+            section = {f.name for f in dataclasses.fields(CrossEncoderStageConfig)}
+            values["cross_encoder"] = CrossEncoderStageConfig(
+                **{k: v for k, v in values["cross_encoder"].items() if k in section}
+            )
+        return cls(RerankConfig(**values), from_stored_path(root, raw["model_dir"]))
 
 
 def bm25_searcher(root: Path):
@@ -94,9 +99,27 @@ def fused_searcher(root: Path, mode: str, passage_text: PassageText):
                          fusion.depth, names=fusion.settings.retrievers[:2])
 
 
-def reranking_searcher(root: Path, settings: RerankSettings, passage_text: PassageText):
-    """The learned fusion's ranking with its top reordered by query likelihood, as the rerank stage set it up."""
+def rerank_scorer(settings: RerankSettings):
+    """The pair scorer the rerank stage chose: SmolLM2 query likelihood or the trained cross-encoder."""
+    c = settings.config
+    if c.scorer == "cross_encoder":
+        from fusion.cross_encoder import CrossEncoderScorer, read_cross_encoder_config
+
+        trained = read_cross_encoder_config(settings.model_dir)
+        return CrossEncoderScorer.from_dir(
+            settings.model_dir, dataclasses.replace(trained, batch_size=max(c.batch_size, trained.batch_size))
+        )
     from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
+
+    return QueryLikelihoodScorer.from_dir(
+        settings.model_dir,
+        QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt),
+    )
+
+
+def reranking_searcher(root: Path, settings: RerankSettings, passage_text: PassageText):
+    """The learned fusion's ranking with its top reordered by the rerank stage's scorer (query likelihood or a
+    cross-encoder), as the stage set it up."""
     from hybrid.rerank import RerankingSearcher
 
     require_stage(root, "rerank")
@@ -111,13 +134,9 @@ def reranking_searcher(root: Path, settings: RerankSettings, passage_text: Passa
             f"the rerank model {settings.model_dir} (from {stage_dir(root, 'rerank') / 'settings.json'}) is not a "
             "model directory; rerun the 'rerank' stage (scripts/run_pipeline.py --config ... --stages rerank)"
         )
-    scorer = QueryLikelihoodScorer.from_dir(
-        settings.model_dir,
-        QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt),
-    )
     weight = None if c.combine == "replace" else float(c.weight)
-    return RerankingSearcher(fused_searcher(root, "hybrid", passage_text), scorer, passage_text, c.depth, weight,
-                             time_budget_s=c.time_budget_s)
+    return RerankingSearcher(fused_searcher(root, "hybrid", passage_text), rerank_scorer(settings), passage_text,
+                             c.depth, weight, time_budget_s=c.time_budget_s, batch_size=c.batch_size)
 
 
 def build_searcher(mode: str, root: Path, passage_text: PassageText, rerank: RerankSettings) -> Searcher:
@@ -142,5 +161,6 @@ __all__ = [
     "build_searcher",
     "dense_searcher",
     "fused_searcher",
+    "rerank_scorer",
     "reranking_searcher",
 ]

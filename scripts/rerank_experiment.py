@@ -1,4 +1,5 @@
-r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with the run (paired tests).
+r"""Rerank a saved run's top with SmolLM2 query likelihood (or a trained cross-encoder) and compare it with the run
+(paired tests).
 
     python scripts/rerank_experiment.py --queries $D/queries.dev.tsv --qrels $D/qrels.dev.txt --name dev \
         --base hybrid --depths 3,5,10 --weights none,1 [--max-queries 100]
@@ -8,9 +9,13 @@ r"""Rerank a saved run's top with SmolLM2 query likelihood and compare it with t
     python scripts/rerank_experiment.py --train-holdout configs/cpu-marco43k.toml --cross-fit 2 \
         --depths 2,3,5 --weights none,1
 
+    # a cross-encoder from scripts/train_cross_encoder.py on the same queries and base run
+    python scripts/rerank_experiment.py --train-holdout configs/cpu-marco43k.toml --cross-fit 2 \
+        --scorer cross_encoder --model-dir artifacts/cross_encoder/model --depths 2,5,10 --weights none,1
+
 The base run is <artifacts>/eval/<base>.<name>.trec (written by the evaluate stage or scripts/evaluate.py); when
 it is missing, it is searched with Retriever(mode=<base>) and written there.
-Scores are cached in <artifacts>/eval/ql.<name>.<scorer hash>.jsonl (resumable; one file per scorer setting);
+Scores are cached in <artifacts>/eval/{ql,ce}.<name>.<scorer hash>.jsonl (resumable; one file per scorer setting);
 the table goes to stdout and <artifacts>/eval/rerank.<base>.<name>.<scorer hash>.md.
 """
 
@@ -42,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-passage-tokens", type=int, default=160)
     p.add_argument("--system-prompt", default=None,
                    help="system turn of the chat prompt (default: the template's own; '' for an empty one)")
+    p.add_argument("--scorer", choices=("ql", "cross_encoder"), default="ql",
+                   help="query likelihood (no training) or a cross-encoder trained by train_cross_encoder.py")
     p.add_argument("--model-dir", type=Path, default=None,
-                   help="causal LM directory (default: the full SmolLM2; e.g. one from train_ql_reranker.py)")
+                   help="ql: causal LM directory (default: the full SmolLM2; e.g. one from train_ql_reranker.py); "
+                        "cross_encoder: the trained model directory (required)")
     p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)
@@ -94,24 +102,34 @@ def main(argv: list[str] | None = None) -> None:
         write_trec_run(run_searcher(_Ranker(retriever), queries, 100), run_path, tag=args.base)
         retriever.close()
     base_run = read_trec_run(run_path)
+    if args.scorer == "cross_encoder" and not args.model_dir:
+        raise SystemExit("--scorer cross_encoder needs --model-dir (a model from scripts/train_cross_encoder.py)")
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
                                    num_layers=args.num_layers)
-    key = f"smollm2-135m-instruct-full:{config}"
+    model = "smollm2-135m-instruct-full"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
         files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
         if not files:
             raise SystemExit(f"{args.model_dir} holds no *.safetensors or *.bin weights")
         weights = max(files, key=lambda f: f.stat().st_mtime)
-        key = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}:{config}"
-    scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
-    cache = PairScoreCache(out / f"ql.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
+        model = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}"
+    key = f"{model}:{config}"
+    if args.scorer == "cross_encoder":
+        from fusion.cross_encoder import CrossEncoderScorer
+
+        scorer = CrossEncoderScorer.from_dir(args.model_dir)
+        key, prefix, label = f"cross_encoder:{model}:{scorer.config}", "ce", "CE"
+    else:
+        scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
+        prefix, label = "ql", "QL"
+    cache = PairScoreCache(out / f"{prefix}.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
     logging.getLogger(__name__).info("scorer %s, cache %s", key, cache.path)
     store = PassageStore.open(stage_dir(root, "data"))
     report = rerank_report(
         args.base, base_run, queries, qrels, scorer, store.get_many, cache,
         depths=[int(d) for d in args.depths.split(",")],
         weights=[None if w.strip() == "none" else float(w) for w in args.weights.split(",")],
-        rel_level=args.rel_level, max_queries=args.max_queries,
+        rel_level=args.rel_level, max_queries=args.max_queries, scorer_name=label,
     )
     path = out / f"rerank.{args.base}.{args.name}.{cache.path.stem.rsplit('.', 1)[-1]}.md"
     write_text_atomic(path, report.table + "\n")

@@ -83,18 +83,20 @@ def train_bpe_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFa
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", model_max_length=64)
 
 
-def make_tiny_bert_dir(tmp_path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+def make_tiny_bert_dir(tmp_path: Path, seed: int = 0, dropout: float = 0.1, init_std: float = 0.02) -> Path:
     """A plain HF directory with a 2-layer, 32-wide BERT (random weights) and its tokenizer.
 
     ``dropout`` (BERT's default 0.1) is both the hidden and the attention dropout; 0 makes training steps
-    independent of the RNG (for comparisons across process layouts, which draw dropout masks differently)."""
+    independent of the RNG (for comparisons across process layouts, which draw dropout masks differently).
+    ``init_std`` is BERT's initializer range: at the default 0.02 a random 32-wide model maps every input to nearly
+    the same [CLS] vector, which a score head on it cannot tell apart until many steps have passed."""
     out = Path(tmp_path) / "tiny-bert"
     tokenizer = train_wordpiece_tokenizer()
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, initializer_range=init_std,
     )
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

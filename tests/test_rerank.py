@@ -202,3 +202,26 @@ def test_batch_search_applies_the_budget_per_query_and_refuses_a_string():
         searcher.batch_search("one query", 3)
     with pytest.raises(ValueError, match="time_budget_s"):
         budgeted([0.1], budget=0.0)
+
+
+def test_candidates_are_scored_in_batches_within_the_budget():
+    class CountingScorer(TimedScorer):
+        calls = 0
+
+        def score(self, query, passages):
+            self.calls += 1
+            return super().score(query, passages)
+
+    clock = FakeClock()
+    scorer = CountingScorer(clock, [0.3])
+    searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=1.0,
+                                 clock=clock, batch_size=2)
+    out = searcher.search("q", 8)
+    # the first batch (p0, p1) costs 0.6 s; a second batch would end at 1.2 s > 1.0 s
+    assert scorer.scored == ["p0", "p1"] and scorer.calls == 1
+    assert pids(out) == ["p1", "p0", "p2", "p3", "p4", "p5", "p6", "p7"]
+    unlimited = CountingScorer(FakeClock(), [0.3])
+    whole = RerankingSearcher(FixedBase(), unlimited, lambda p: list(p), depth=5, weight=None, batch_size=2)
+    assert pids(whole.search("q", 8))[:5] == ["p4", "p3", "p2", "p1", "p0"] and unlimited.calls == 3  # 2 + 2 + 1
+    with pytest.raises(ValueError, match="batch_size"):
+        RerankingSearcher(FixedBase(), scorer, lambda p: list(p), batch_size=0)

@@ -60,6 +60,7 @@ CASES: dict[str, Case] = {
                                      "--records", str(w / "missing.jsonl"), "--collection",
                                      str(d / "collection.tsv")], "missing.jsonl"),
     "train_ql_reranker.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml"], "no-artifacts"),
+    "train_cross_encoder.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml"], "no-artifacts"),
 }
 
 
