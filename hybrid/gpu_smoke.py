@@ -248,8 +248,18 @@ class FixedRankings:
         return [self.search(q, k) for q in queries]
 
 
-def rerank_scorer(config: RerankConfig, out: Path) -> Any:
-    """The scorer the rerank stage sets up (query likelihood of ``rerank.model``, default SmolLM2-135M)."""
+def rerank_scorer(config: RerankConfig, out: Path, texts: Sequence[str] = ()) -> Any:
+    """The scorer the rerank stage sets up: query likelihood of ``rerank.model`` (default SmolLM2-135M), or with
+    ``rerank.scorer = "cross_encoder"`` the trained ``rerank.model`` or else the untrained base model with a fresh
+    score head (training does not change its FLOPs; a stand-in of the same shape when the base is unreachable)."""
+    if config.scorer == "cross_encoder":
+        from fusion.cross_encoder import CrossEncoderConfig, CrossEncoderScorer
+
+        if config.model:
+            return CrossEncoderScorer.from_dir(config.model)
+        base, _ = base_model(config.cross_encoder.base_model, texts, out)
+        return CrossEncoderScorer.build(base, CrossEncoderConfig(max_length=config.cross_encoder.max_length,
+                                                                 batch_size=config.batch_size))
     from fusion.query_likelihood import QueryLikelihoodConfig, QueryLikelihoodScorer
     from hybrid.artifacts import smollm2_dir
 
@@ -268,8 +278,9 @@ def measure_rerank(config: RerankConfig, pool: Pool, out: Path, settings: SmokeS
     rankings = {r.query: [(p, float(-i)) for i, p in enumerate([r.positives[0], *rng.sample(pids, config.depth - 1)])]
                 for r in chosen}
     weight = None if config.combine == "replace" else config.weight
-    searcher = RerankingSearcher(FixedRankings(rankings), rerank_scorer(config, out),
-                                 lambda ids: [pool.passages[p] for p in ids], config.depth, weight, time_budget_s=None)
+    searcher = RerankingSearcher(FixedRankings(rankings), rerank_scorer(config, out, list(pool.passages.values())),
+                                 lambda ids: [pool.passages[p] for p in ids], config.depth, weight, time_budget_s=None,
+                                 batch_size=config.batch_size)
     queries = list(rankings)
     for query in queries[: settings.warmup]:
         searcher.search(query, 10)

@@ -94,7 +94,10 @@ def toy_overrides(urls: dict[str, str], bert: Path, lm: Path) -> list[str]:
         "dense.train.log_every=2",
         *([] if bf16_available() else ["dense.train.bf16=false"]),  # the CPU has none; on a GPU it stays on
         f"fusion.holdout_queries={N_HOLDOUT}",
-        f'rerank.model="{lm}"',
+        # the recipe's cross-encoder, trained by the rerank stage from the tiny BERT for a few steps
+        f'rerank.cross_encoder.base_model="{bert}"',
+        "rerank.cross_encoder.train.max_steps=4",
+        "rerank.cross_encoder.train.groups_per_step=4",
         "eval.latency_queries=5",
     ]
 
@@ -138,6 +141,9 @@ def test_every_stage_of_the_a10g_recipe_ran(recipe: RecipeRun) -> None:
     tables = recipe.done["evaluate"]["tables"]
     assert set(tables) == {"dev", "dl19", "dl20"}
     assert all("| rerank |" in table and "| hybrid |" in table for table in tables.values())
+    assert recipe.done["rerank"]["scorer"] == "cross_encoder" and recipe.done["rerank"]["depth"] == 100
+    trained = json.loads((recipe.root / "rerank" / "cross_encoder" / "model" / "cross_encoder.json").read_text())
+    assert trained["steps"] == 4 and trained["records"] == N_TRAIN - N_HOLDOUT
 
 
 def test_data_came_from_the_official_archives(recipe: RecipeRun) -> None:

@@ -99,14 +99,15 @@ def test_a_stand_in_bert_when_the_base_model_is_unreachable(tmp_path: Path) -> N
 
 def test_every_phase_runs_at_toy_size_on_cpu(tmp_path: Path) -> None:
     from dense_fixtures import toy_corpus
-    from recipe_models import tiny_bert, tiny_chat_lm
+    from recipe_models import tiny_bert
     from retriever_fixture import write_tiny_corpus
 
     from hybrid.config import load_config
 
     data = write_tiny_corpus(tmp_path / "pool")
-    bert, lm = tiny_bert(toy_corpus(), tmp_path / "bert"), tiny_chat_lm(toy_corpus(), tmp_path / "lm")
-    config = load_config(CONFIG, [f'dense.base_model="{bert}"', f'rerank.model="{lm}"', "dense.train.batch_size=8",
+    bert = tiny_bert(toy_corpus(), tmp_path / "bert")
+    config = load_config(CONFIG, [f'dense.base_model="{bert}"', f'rerank.cross_encoder.base_model="{bert}"',
+                                  "dense.train.batch_size=8",
                                   "dense.train.grad_cache_chunk=16", "dense.train.bf16=false",
                                   "dense.encode_shard_size=100"])
     settings = SmokeSettings(device="cpu", probe_steps=2, max_train_steps=4, train_budget_s=60, search_queries=4,
