@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     pipeline = Pipeline(config, args.artifacts)
     done = pipeline.run(args.stages, args.force)
-    from dense.distributed import shutdown_distributed
-
-    shutdown_distributed()
+    # Under torchrun the other ranks stop after the dense stages while rank 0 goes on alone, so the process group
+    # is not torn down collectively here: each process leaves it when it exits.
     if not pipeline.context.is_main:
         return
     total = sum(d.get("seconds", 0) for d in done.values())
