@@ -228,3 +228,16 @@ def test_the_script_trains_on_the_train_queries_and_a_checked_synthetic_file(tin
     synthetic.write_text(record("x", dev_query, pids[0]))
     with pytest.raises(SyntheticDataError, match="may not be trained on"):
         script.main([*args, "--out", str(tmp_path / "leak")])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+                    reason="no CUDA device with bf16: the cross-encoder's GPU path (bf16 autocast) cannot run here")
+def test_on_a_gpu_the_cross_encoder_trains_and_scores_in_bf16(bert: Path, tmp_path: Path) -> None:
+    model_dir = train_cross_encoder(bert, SCORER, _config(max_steps=3), RECORDS, PASSAGES.__getitem__, tmp_path,
+                                    device="cuda", progress=False)
+    on_gpu = CrossEncoderScorer.from_dir(model_dir)
+    on_cpu = CrossEncoderScorer.from_dir(model_dir, device="cpu")
+    assert on_gpu.device.type == "cuda" and on_gpu.config.bf16
+    group = _groups()[0]
+    np.testing.assert_allclose(on_gpu.score(RECORDS[0].query, group), on_cpu.score(RECORDS[0].query, group),
+                               rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
