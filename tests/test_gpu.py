@@ -16,7 +16,8 @@ from recipe_models import bf16_available, tiny_bert, tiny_chat_lm
 
 NO_CUDA = "no CUDA device: the GPU paths (faiss-gpu, bf16 autocast, CUDA generation and scoring) cannot run here"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
-needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="this CUDA device has no bf16 (the recipe needs Ampere+)")
+needs_bf16 = pytest.mark.skipif(not bf16_available(), reason=NO_CUDA if not torch.cuda.is_available() else
+                                "this CUDA device has no bf16 (the recipe's dense.train.bf16 needs Ampere or newer)")
 
 
 @pytest.fixture(scope="module")
