@@ -111,7 +111,9 @@ class PrefixCachedGenerator(QueryGenerator):
         torch = self._torch
         if not self.config.do_sample:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / self.config.temperature, dim=-1)
+        # on the CPU whatever the model's device: each row samples from its own CPU torch.Generator, so a passage's
+        # query is the same on every device (one (rows x vocab) copy per step)
+        probs = torch.softmax(logits.float().cpu() / self.config.temperature, dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # nucleus: keep the smallest head whose mass reaches top_p (the first token always stays)
         sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > self.config.top_p] = 0.0
