@@ -189,7 +189,9 @@ def test_the_ql_rerank_fingerprint_ignores_the_cross_encoder_settings(tiny_artif
     assert original.up_to_date("rerank")
     same = _pipeline(tiny_artifacts, tiny_artifacts.root, "rerank.cross_encoder.negatives=5")
     assert same.inputs_fingerprint("rerank") == original.inputs_fingerprint("rerank")
-    assert "scorer" not in original._rerank_section() and "batch_size" not in original._rerank_section()
+    assert "scorer" not in original._rerank_section()
+    at_default = _pipeline(tiny_artifacts, tiny_artifacts.root, "rerank.batch_size=1")
+    assert "batch_size" not in at_default._rerank_section()
     other = _pipeline(tiny_artifacts, tiny_artifacts.root, 'rerank.scorer="cross_encoder"')
     assert other.inputs_fingerprint("rerank") != original.inputs_fingerprint("rerank")
 

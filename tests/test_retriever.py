@@ -22,6 +22,7 @@ from hybrid.config import RerankConfig
 from hybrid.msmarco import read_collection
 from hybrid.pipeline import UPSTREAM
 from hybrid.rerank import RerankingSearcher
+from hybrid.searchers import RerankSettings
 
 MODES = ("sparse", "dense", "rrf", "convex", "hybrid", "rerank")
 _cache: dict[tuple[str, str], Retriever] = {}
@@ -209,7 +210,10 @@ def test_a_dense_index_from_another_model_is_refused(artifacts_copy):
 def test_the_reranker_is_a_searcher_over_the_hybrid_mode_built_from_the_stage_settings(tiny_artifacts):
     searcher = retriever(tiny_artifacts, "rerank").searcher
     assert isinstance(searcher, RerankingSearcher)
-    assert (searcher.depth, searcher.weight, searcher.time_budget_s) == (RERANK_DEPTH, None, RerankConfig().time_budget_s)
+    stage = RerankSettings.read(tiny_artifacts.root).config  # what the rerank stage wrote
+    weight = None if stage.combine == "replace" else stage.weight
+    assert (searcher.depth, searcher.weight, searcher.time_budget_s) == (RERANK_DEPTH, weight, stage.time_budget_s)
+    assert stage.time_budget_s == RerankConfig().time_budget_s
     assert searcher.scorer.config.max_passage_tokens == 24
     hybrid = retriever(tiny_artifacts, "hybrid")
     for query in queries(tiny_artifacts):
