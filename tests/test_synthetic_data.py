@@ -60,6 +60,29 @@ def test_publish_copies_records_and_manifest_with_checksum(tmp_path: Path) -> No
         publish(stage, tmp_path / "data" / "llm-set.txt")
 
 
+def test_publish_snapshots_the_generation_cache_and_a_new_checkout_resumes_from_it(tmp_path: Path) -> None:
+    from hybrid.synthetic_data import seed_cache
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    _records(stage / "train.jsonl", ["how long is a marathon"])
+    (stage / "manifest.json").write_text("{}")
+    writer = QueryCache(stage / "cache" / "generation.jsonl", "fp")
+    writer.append([GeneratedQueries("p1", ("q one",))], seconds=1.0)
+    with (stage / "cache" / "generation.jsonl").open("a") as f:
+        f.write('{"fingerprint": "fp", "pid": "p2"')  # the writer is mid-line: not part of the snapshot
+    publish(stage, tmp_path / "data" / "set.jsonl")
+    snapshot = tmp_path / "data" / "set.cache.jsonl.gz"
+    fresh = tmp_path / "checkout" / "stage"
+    assert seed_cache(snapshot, fresh)
+    resumed = QueryCache(fresh / "cache" / "generation.jsonl", "fp")
+    assert len(resumed) == 1 and resumed.get("p1").queries == ("q one",)
+    assert resumed.generation_seconds == pytest.approx(1.0)
+    resumed.append([GeneratedQueries("p3", ("q three",))])
+    assert not seed_cache(snapshot, fresh)  # an existing cache is further along: left as it is
+    assert len(QueryCache(fresh / "cache" / "generation.jsonl", "fp")) == 2
+
+
 def test_read_only_cache_leaves_a_torn_last_line_to_its_writer(tmp_path: Path) -> None:
     path = tmp_path / "cache.jsonl"
     writer = QueryCache(path, "fp")

@@ -8,6 +8,7 @@ appended to a :class:`~dense.querygen.cache.QueryCache` batch by batch, so a kil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dense.atomic import sha256_file
 from dense.querygen.cache import QueryCache
 from dense.querygen.prompt import PromptBuilder, normalize_query
 from dense.querygen.records import GeneratedQueries
@@ -144,9 +146,18 @@ class QueryGenerator:
     def _setup(self) -> None:
         """Hook for subclasses, called at the end of ``__init__`` once model and tokenizer are loaded."""
 
+    @functools.cached_property
+    def model_identity(self) -> str:
+        """What the model is, wherever it is installed (so a cache resumes in another checkout): the GGUF file's
+        sha256, else the model directory's name (or the hub name)."""
+        if self.gguf_file:
+            return "gguf-sha256:" + sha256_file(Path(self.model_name) / self.gguf_file)
+        path = Path(self.model_name)
+        return path.name if path.is_dir() else self.model_name
+
     def fingerprint(self) -> str:
         """Hash of model, prompt and generation settings: the key cached outputs are valid under."""
-        payload = {"model": self.model_name, "gguf_file": self.gguf_file, "prompt": self.prompt.fingerprint(),
+        payload = {"model": self.model_identity, "prompt": self.prompt.fingerprint(),
                    "config": asdict(self.config), "template": self.template}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
