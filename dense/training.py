@@ -281,6 +281,21 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def resumable_checkpoint(root: Path, resume: bool, error: type[Exception] | None = None) -> tuple[int, Path] | None:
+    """The latest complete checkpoint under ``root`` after removing half-written ones (a killed run's); a directory
+    that holds checkpoints is refused unless ``resume``, so two runs never mix (``error``: the class raised,
+    :class:`TrainingStateError` by default)."""
+    for stale in root.glob("step-*.tmp-*") if root.is_dir() else ():
+        shutil.rmtree(stale)
+    checkpoints = list_checkpoints(root)
+    if checkpoints and not resume:
+        raise (error or TrainingStateError)(
+            f"{root} already holds checkpoints (latest step {checkpoints[-1][0]}); pass resume=True (--resume) to "
+            "continue that run, or use a fresh output directory"
+        )
+    return checkpoints[-1] if checkpoints else None
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) RNG states, for exact resumption."""
     return {
@@ -405,15 +420,7 @@ def _latest_checkpoint(ckpt_root: Path, resume: bool, context: DistContext) -> t
     """The checkpoint to resume from (rank 0 removes half-written ones first); every rank must see the same."""
 
     def clean_and_list() -> tuple[int, Path] | None:
-        for stale in ckpt_root.glob("step-*.tmp-*") if ckpt_root.is_dir() else ():
-            shutil.rmtree(stale)  # half-written checkpoint of a killed run
-        checkpoints = list_checkpoints(ckpt_root)
-        if checkpoints and not resume:
-            raise TrainingStateError(
-                f"{ckpt_root} already holds checkpoints (latest step {checkpoints[-1][0]}); pass resume=True "
-                "(--resume) to continue that run, or use a fresh output directory"
-            )
-        return checkpoints[-1] if checkpoints else None
+        return resumable_checkpoint(ckpt_root, resume)
 
     latest = run_on_main(context, clean_and_list)
     mine = list_checkpoints(ckpt_root)

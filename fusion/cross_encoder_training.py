@@ -165,7 +165,7 @@ def train_cross_encoder(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from dense.training import list_checkpoints, rng_state, set_rng_state
+    from dense.training import resumable_checkpoint, rng_state, set_rng_state
 
     out_dir = Path(out_dir)
     model_dir, ckpt_root = out_dir / "model", out_dir / "checkpoints"
@@ -179,21 +179,14 @@ def train_cross_encoder(
         _check_same_run(json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")), identity, model_dir)
         logger.info("cross-encoder training: %s is up to date; nothing to do", model_dir)
         return model_dir
-    for stale in ckpt_root.glob("step-*.tmp-*") if ckpt_root.is_dir() else ():
-        shutil.rmtree(stale)  # half-written checkpoint of a killed run
-    checkpoints = list_checkpoints(ckpt_root)
-    if checkpoints and not resume:
-        raise CrossEncoderTrainingError(
-            f"{ckpt_root} already holds checkpoints (latest step {checkpoints[-1][0]}); resume that run (--resume) "
-            "or use a fresh output directory"
-        )
+    latest = resumable_checkpoint(ckpt_root, resume, CrossEncoderTrainingError)
 
     groups = TrainingGroups(records, passage_text, train_config)
     total = groups.total_steps()
     torch.manual_seed(train_config.seed)
     start_step, state = 0, None
-    if checkpoints:
-        start_step, ckpt = checkpoints[-1]
+    if latest is not None:
+        start_step, ckpt = latest
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
         _check_same_run(state, identity, ckpt / STATE_FILE)
         scorer = CrossEncoderScorer.from_dir(ckpt / "model", scorer_config, device=device)
