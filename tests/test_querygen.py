@@ -243,6 +243,8 @@ def test_sanity_filters_each_drop_what_they_should() -> None:
         "What does the passage say about Paris": "chatty",
         "eiffel": "too_short",
         " ".join(["paris"] * 30): "too_long",
+        "what is a road pedal? road pedals are designed for": "run_on",
+        "It is not known. It is a": "run_on",
         "wrought iron lattice tower on the Champ de Mars": "copied_from_passage",
         "What Is  Metformin": "equals_forbidden_query",
     }
@@ -254,7 +256,8 @@ def test_sanity_filters_each_drop_what_they_should() -> None:
     assert report.to_dict()["dropped"] == expected
     assert report.kept == 2 and report.input_pairs == len(cases)
     skip = SanityFilters(SanityFilterConfig(skip=("copied_from_passage",)))
-    assert skip.apply([pairs[9]], {"p": passage})[0] == [pairs[9]]
+    copied = next(p for p in pairs if p.query.startswith("wrought"))
+    assert skip.apply([copied], {"p": passage})[0] == [copied]
     with pytest.raises(ValueError, match="unknown check"):
         SanityFilterConfig(skip=("nope",))
 

@@ -174,7 +174,7 @@ def run_crop(
     forbidden = ForbiddenQueries.from_files(inputs.forbid_queries)
     pairs = list(crop_pairs(passages.items(), crop))
     # Crops are copied by construction and their length is set by CropConfig: only content/leak checks apply.
-    skip = {"copied_from_passage", "chatty", "too_long", "too_short"}
+    skip = {"copied_from_passage", "chatty", "too_long", "too_short", "run_on"}
     sanity = replace(sanity, skip=tuple(sorted(set(sanity.skip) | skip)))
     kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k)
     seconds = time.perf_counter() - start
