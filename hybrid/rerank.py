@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dense.atomic import write_text_atomic
+from fusion.searcher import check_queries
 
 Ranking = list[tuple[str, float]]
 
@@ -190,11 +191,10 @@ class RerankingSearcher:
         return self._rerank(query, self.inner.search(query, max(k, self.depth)))[:k]
 
     def batch_search(self, queries: list[str], k: int) -> list[Ranking]:
-        if isinstance(queries, (str, bytes)):
-            raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
+        queries = check_queries(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        rankings = self.inner.batch_search(list(queries), max(k, self.depth))
+        rankings = self.inner.batch_search(queries, max(k, self.depth))
         return [self._rerank(q, r)[:k] for q, r in zip(queries, rankings, strict=True)]
 
     def close(self) -> None:

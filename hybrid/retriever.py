@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion.searcher import check_queries
 from hybrid.artifacts import ArtifactError, artifacts_dir, require_stage, stage_dir
 from hybrid.searchers import MODES, RerankSettings, Searcher, build_searcher
 
@@ -37,9 +38,7 @@ def _check_query(query: object) -> str:
 
 
 def _check_queries(queries: object) -> list[str]:
-    if isinstance(queries, (str, bytes)):  # iterable, but it would be searched one character at a time
-        raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
-    return [_check_query(q) for q in queries]  # type: ignore[union-attr]
+    return [_check_query(q) for q in check_queries(queries)]
 
 
 def _check_k(k: object) -> int:
