@@ -8,7 +8,14 @@ compute the split here, from the same sorted ids and seed, so they agree.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+
+
+def usable_qids(queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]],
+                has_passage: Callable[[str], bool]) -> list[str]:
+    """Sorted ids of the queries with text and a judged-relevant passage that ``has_passage`` (the collection)."""
+    return sorted(q for q, judged in qrels.items()
+                  if q in queries and any(g > 0 and has_passage(pid) for pid, g in judged.items()))
 
 
 def holdout_split(usable_qids: Iterable[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:

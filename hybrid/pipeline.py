@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dense.splits import holdout_split
+from dense.splits import holdout_split, usable_qids
 from dense.atomic import write_text_atomic
 from hybrid.artifacts import (
     STAGE_FILE,
@@ -344,10 +344,7 @@ class Pipeline:
         queries = data.queries(split)
         qrels = data.qrels(split, queries)
         store = self.passages()
-        usable = sorted(
-            q for q, judged in qrels.items()
-            if q in queries and any(g > 0 and pid in store for pid, g in judged.items())
-        )
+        usable = usable_qids(queries, qrels, store.__contains__)
         dense_qids, fusion_qids = holdout_split(usable, self.config.fusion.holdout_queries, self.config.seed)
         cap = self.config.dense.max_real_train_queries
         if cap:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dense.querygen.output import file_sha256, read_training_records
 from dense.querygen.prompt import ForbiddenQueries
-from dense.splits import holdout_split
+from dense.splits import holdout_split, usable_qids
 from hybrid.msmarco import MsMarcoDir, read_collection
 
 
@@ -28,8 +28,7 @@ def usable_train_qids(data: MsMarcoDir, train_split: str = "train") -> list[str]
     pids = {pid for pid, _ in read_collection(data.collection_path, check_duplicates=False)}
     queries = data.queries(train_split)
     qrels = data.qrels(train_split, queries)
-    return sorted(q for q, judged in qrels.items() if q in queries and any(g > 0 and p in pids
-                                                                           for p, g in judged.items()))
+    return usable_qids(queries, qrels, pids.__contains__)
 
 
 def heldout_train_qids(config_path: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
