@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -196,56 +196,49 @@ class QueryGenerator:
                                             raw=raw, example_qids=rendered[i][1]))
         return records
 
+    def batches(self, pending: list[tuple[str, str]]) -> Iterator[Any]:
+        """The uncached passages in model calls: ``batch_size`` at a time, in order (subclasses plan otherwise)."""
+        size = self.config.batch_size
+        return (pending[i:i + size] for i in range(0, len(pending), size))
+
+    def run_batch(self, batch: Any) -> list[GeneratedQueries]:
+        """One model call for one of :meth:`batches`' batches."""
+        return self.generate_batch(batch)
+
     def generate(self, passages: Iterable[tuple[str, str]], cache: QueryCache | None = None
                  ) -> Iterator[GeneratedQueries]:
-        """Queries for every ``(pid, text)``: cached passages are yielded without a model call, the rest batch by batch.
-
-        Each finished batch is appended to ``cache`` before it is yielded, so a kill loses at most one batch.
-        """
+        """Queries for every ``(pid, text)``: cached passages first (no model call), then the rest in
+        :meth:`batches`. Each finished batch is appended to ``cache`` before it is yielded, so a kill loses at most
+        one batch."""
         if cache is not None and cache.fingerprint != self.fingerprint():
             raise ValueError(
                 f"cache {cache.path} was opened for fingerprint {cache.fingerprint} but this generator's is "
                 f"{self.fingerprint()}; open it with QueryCache(path, generator.fingerprint())"
             )
-        total = len(passages) if isinstance(passages, Sized) else None
-        bar = tqdm(total=total, desc="generating queries", unit="passage")
-        start = time.perf_counter()
-        new_passages = new_queries = 0
-        pending: list[tuple[str, str]] = []
-
-        def flush() -> list[GeneratedQueries]:
-            nonlocal new_passages, new_queries
-            batch_start = time.perf_counter()
-            records = self.generate_batch(pending)
-            if cache is not None:
-                cache.append(records, seconds=time.perf_counter() - batch_start)
-            new_passages += len(records)
-            new_queries += sum(len(r.queries) for r in records)
-            bar.update(len(records))
-            bar.set_postfix(q_per_s=f"{new_queries / max(time.perf_counter() - start, 1e-9):.2f}")
-            pending.clear()
-            return records
-
-        try:
-            for pid, text in passages:
-                cached = cache.get(pid) if cache is not None else None
-                if cached is not None:
-                    bar.update(1)
-                    yield cached
-                    continue
+        pending = []
+        for pid, text in passages:
+            cached = cache.get(pid) if cache is not None else None
+            if cached is not None:
+                yield cached
+            else:
                 pending.append((pid, text))
-                if len(pending) == self.config.batch_size:
-                    yield from flush()
-            if pending:
-                yield from flush()
-        finally:
-            bar.close()
+        start = time.perf_counter()
+        new_queries = 0
+        with tqdm(total=len(pending), desc="generating queries", unit="passage") as bar:
+            for batch in self.batches(pending):
+                batch_start = time.perf_counter()
+                records = self.run_batch(batch)
+                if cache is not None:
+                    cache.append(records, seconds=time.perf_counter() - batch_start)
+                new_queries += sum(len(r.queries) for r in records)
+                bar.update(len(records))
+                bar.set_postfix(q_per_s=f"{new_queries / max(time.perf_counter() - start, 1e-9):.2f}")
+                yield from records
         seconds = time.perf_counter() - start
-        self.last_stats = {"new_passages": new_passages, "new_queries": new_queries, "seconds": seconds,
+        self.last_stats = {"new_passages": len(pending), "new_queries": new_queries, "seconds": seconds,
                            "queries_per_s": new_queries / seconds if seconds > 0 else 0.0}
-        logger.info("generated %d queries for %d passages in %.1fs (%.2f queries/s, %.2f passages/s)",
-                    new_queries, new_passages, seconds, self.last_stats["queries_per_s"],
-                    new_passages / seconds if seconds > 0 else 0.0)
+        logger.info("generated %d queries for %d passages in %.1fs (%.2f queries/s)", new_queries, len(pending),
+                    seconds, self.last_stats["queries_per_s"])
 
 
 def _load_causal_lm(model_name_or_path: str | Path, gguf_file: str | None, dtype: Any) -> Any:

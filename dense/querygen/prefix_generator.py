@@ -19,13 +19,10 @@ import hashlib
 import inspect
 import json
 import logging
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from tqdm.auto import tqdm
 
-from dense.querygen.cache import QueryCache
 from dense.querygen.generator import QueryGenerator, clean_query, dedupe_queries
 from dense.querygen.prompt import PromptParts
 from dense.querygen.records import GeneratedQueries
@@ -56,7 +53,6 @@ class PrefixCachedGenerator(QueryGenerator):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         self._prefix_kv: dict[str, tuple[int, list[tuple[Any, Any]]]] = {}
         self._stop_ids, self._newline_ids, self._blank_ids = _special_token_sets(self.tokenizer)
-        self.tokens_processed = {"prefix": 0, "passage": 0, "generated": 0}
 
     def fingerprint(self) -> str:
         payload = {"base": super().fingerprint(), "engine": ENGINE}
@@ -91,7 +87,6 @@ class PrefixCachedGenerator(QueryGenerator):
                 out = self._decoder(input_ids=self._torch.tensor([ids], device=self.device), use_cache=True)
             cache = out["cache"] if "cache" in out else out["past_key_values"]
             self._prefix_kv[text] = (len(ids), [(layer.keys, layer.values) for layer in cache.layers])
-            self.tokens_processed["prefix"] += len(ids)
         return self._prefix_kv[text]
 
     def _cache_for(self, kv: list[tuple[Any, Any]], batch: int, capacity: int):
@@ -148,7 +143,6 @@ class PrefixCachedGenerator(QueryGenerator):
             if n > 1:  # n samples per passage share the passage's prefill
                 cache.batch_repeat_interleave(n)
                 logits, mask, next_pos = (t.repeat_interleave(n, 0) for t in (logits, mask, next_pos))
-            self.tokens_processed["passage"] += int(suffix_mask.sum())
             pids = [pid for pid, _, _ in batch for _ in range(n)]
             generators = [torch.Generator().manual_seed(self._row_seed(pid, i % n)) for i, pid in enumerate(pids)]
             tokens = self._decode(logits, mask, next_pos, cache, generators)
@@ -178,7 +172,6 @@ class PrefixCachedGenerator(QueryGenerator):
                     continue
                 tokens[r].append(tok)
                 has_text[r] = has_text[r] or tok not in self._blank_ids
-            self.tokens_processed["generated"] += len(active)
             keep = [j for j, r in enumerate(active) if not done[r]]
             if not keep or step == self.config.max_new_tokens - 1:
                 break
@@ -201,46 +194,14 @@ class PrefixCachedGenerator(QueryGenerator):
         by_pid = {r.pid: r for batch in self.plan(passages) for r in self.generate_rows(batch)}
         return [by_pid[pid] for pid, _ in passages]
 
-    def generate(self, passages: Iterable[tuple[str, str]], cache: QueryCache | None = None
-                 ) -> Iterator[GeneratedQueries]:
-        """Cached passages first (no model call), then the rest in planned batches, each appended to ``cache``
-        before it is yielded (a kill loses at most one batch)."""
-        if cache is not None and cache.fingerprint != self.fingerprint():
-            raise ValueError(
-                f"cache {cache.path} was opened for fingerprint {cache.fingerprint} but this generator's is "
-                f"{self.fingerprint()}; open it with QueryCache(path, generator.fingerprint())"
-            )
-        pending = []
-        for pid, text in passages:
-            cached = cache.get(pid) if cache is not None else None
-            if cached is not None:
-                yield cached
-            else:
-                pending.append((pid, text))
-        start = time.perf_counter()
-        before = dict(self.tokens_processed)
-        new_queries = 0
-        # planned a chunk at a time, in the caller's order: what a long run has finished so far is a sample of its
-        # passages (pass them shuffled), not the shortest passages of the first prefix
+    def batches(self, pending: list[tuple[str, str]]) -> Iterator[list[tuple[str, PromptParts, list[int]]]]:
+        """Planned a chunk at a time, in the caller's order: what a long run has finished so far is a sample of its
+        passages (pass them shuffled), not the shortest passages of the first prefix."""
         chunk = self.config.batch_size * PLAN_CHUNK_BATCHES
-        with tqdm(total=len(pending), desc="generating queries", unit="passage") as bar:
-            for batch in (b for i in range(0, len(pending), chunk) for b in self.plan(pending[i:i + chunk])):
-                batch_start = time.perf_counter()
-                records = self.generate_rows(batch)
-                if cache is not None:
-                    cache.append(records, seconds=time.perf_counter() - batch_start)
-                new_queries += sum(len(r.queries) for r in records)
-                bar.update(len(records))
-                bar.set_postfix(q_per_s=f"{new_queries / max(time.perf_counter() - start, 1e-9):.2f}")
-                yield from records
-        seconds = time.perf_counter() - start
-        self.last_stats = {
-            "new_passages": len(pending), "new_queries": new_queries, "seconds": seconds,
-            "queries_per_s": new_queries / seconds if seconds > 0 else 0.0,
-            **{f"{k}_tokens": self.tokens_processed[k] - before[k] for k in self.tokens_processed},
-        }
-        logger.info("generated %d queries for %d passages in %.1fs (%.2f queries/s)", new_queries, len(pending),
-                    seconds, self.last_stats["queries_per_s"])
+        return (b for i in range(0, len(pending), chunk) for b in self.plan(pending[i:i + chunk]))
+
+    def run_batch(self, batch: list[tuple[str, PromptParts, list[int]]]) -> list[GeneratedQueries]:
+        return self.generate_rows(batch)
 
 
 _LAYER_CLASS: Any = None
