@@ -51,3 +51,11 @@ class IncompleteArtifactError(FileNotFoundError):
 
 class EncodingResumeError(ValueError):
     """A partial corpus encoding cannot be resumed because the model, corpus or layout changed since it began."""
+
+
+def check_queries(queries: object) -> list[str]:
+    """``queries`` as a list; a single ``str`` (iterable, so it would be searched character by character) is a
+    ``TypeError``. The one check every searcher's ``batch_search`` makes."""
+    if isinstance(queries, (str, bytes)):
+        raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
+    return list(queries)  # type: ignore[call-overload]

@@ -14,7 +14,7 @@ import numpy as np
 
 from dense.corpus_encoding import PIDS_FILE, read_pids
 from dense.faiss_index import UseGpu, describe, is_gpu_index, load_index
-from dense.interfaces import ArtifactMismatchError, Ranking, TextEncoder
+from dense.interfaces import ArtifactMismatchError, Ranking, TextEncoder, check_queries
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class DenseSearcher:
 
     def batch_search(self, queries: list[str], k: int) -> list[Ranking]:
         """One ranking per query, in order."""
-        if isinstance(queries, str):
-            raise TypeError("batch_search takes a list of queries; use search() for a single query")
+        queries = check_queries(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not queries:

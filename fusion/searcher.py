@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dense.interfaces import check_queries
 from fusion.baselines import convex, rrf
 from fusion.features import DEFAULT_RRF_K, FeatureBuilder, PassageText
 from fusion.model import FusionModel
@@ -70,13 +71,6 @@ class LearnedStrategy:
         return self.model.fuse(self.builder.build(query, rankings, self.passage_text))
 
 
-def check_queries(queries: object) -> list[str]:
-    """``queries`` as a list; a single ``str`` (which would be searched character by character) is a TypeError."""
-    if isinstance(queries, (str, bytes)):
-        raise TypeError("batch_search takes a list of queries, not one string; use search() for a single query")
-    return list(queries)  # type: ignore[call-overload]
-
-
 class FusedSearcher:
     """``strategy`` over the top ``depth`` of ``sparse`` and ``dense`` (named ``names``), searched concurrently."""
 
@@ -126,4 +120,4 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-__all__ = ["ConvexStrategy", "FusedSearcher", "FusionStrategy", "LearnedStrategy", "RRFStrategy", "check_queries"]
+__all__ = ["ConvexStrategy", "FusedSearcher", "FusionStrategy", "LearnedStrategy", "RRFStrategy"]

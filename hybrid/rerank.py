@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dense.atomic import write_text_atomic
-from fusion.searcher import check_queries
+from dense.interfaces import check_queries
 
 Ranking = list[tuple[str, float]]
 

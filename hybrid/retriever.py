@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusion.searcher import check_queries
+from dense.interfaces import check_queries
 from hybrid.artifacts import ArtifactError, artifacts_dir, require_stage, stage_dir
 from hybrid.searchers import MODES, RerankSettings, Searcher, build_searcher
 
