@@ -6,6 +6,7 @@ opens in well under a second.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -53,13 +54,27 @@ def toy_corpus() -> list[str]:
     return [text for pair in toy_pairs() for text in pair] + ["a short text", "another one"]
 
 
-def train_wordpiece_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], [PAD] = 0) trained on ``texts``."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+def train_wordpiece_tokenizer(texts: list[str] | None = None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], [PAD] = 0) built from ``texts``.
+
+    The vocabulary is built here, not by ``WordPieceTrainer``: the trainer breaks frequency ties in hash order, so
+    its vocabulary (and every tiny model on it) changed from one process to the next and made tests flaky. Here it
+    is the special tokens, every character (alone and as a ``##`` continuation), then the most frequent words,
+    ties broken alphabetically: the same vocabulary in every run."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts or toy_corpus():
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts or toy_corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    chars = sorted({c for word in counts for c in word})
+    tokens = specials + chars + ["##" + c for c in chars]
+    taken = set(tokens)
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in taken]
+    tokens += words[: max(0, vocab_size - len(tokens))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -51,6 +51,7 @@ CASES: dict[str, Case] = {
                                         str(w / "missing-data"), "--out", str(w / "out")], "missing-data"),
     "generate_queries.py": lambda w, d: (["--method", "crop", "--collection", str(w / "missing.tsv"), "--out",
                                           str(w / "out")], "missing.tsv"),
+    "plot_scaling.py": lambda w, d: (["--run", str(w / "no-run"), "--out", str(w / "scaling.png")], "no-run"),
     "prepare_data.py": lambda w, d: (["--source", "local", "--dir", str(w / "missing-data")], "missing-data"),
     "rerank_experiment.py": lambda w, d: (["--queries", str(d / "queries.dev.tsv"), "--qrels",
                                            str(d / "qrels.dev.txt")], "no-artifacts"),
