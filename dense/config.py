@@ -149,6 +149,11 @@ class TrainConfig(_DictConfig):
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     gradient_checkpointing: bool = False
+    freeze_embeddings: bool = False
+    """Keep the backbone's input embedding table (the static encoder's: its token vectors) fixed and train only the
+    rest. That table is most of the parameters of a small or truncated LM (SmolLM2-135M cut to 2 layers: 49152 x 576
+    = 28M of ~35M), and every step pays for its gradient, its two AdamW moments and its update in time and memory;
+    frozen, it gets none of them. It changes the trained model, so it is compared on resume like ``lr``."""
     num_workers: int = 0
     """DataLoader workers that tokenize batches in the background."""
 
@@ -170,3 +175,6 @@ class TrainConfig(_DictConfig):
 # Fields that may change between a checkpoint and its resumption without changing what is computed
 # (``max_steps``/``epochs`` are not among them: they set the learning-rate schedule).
 OPERATIONAL_TRAIN_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "num_workers"})
+# Fields added after models and checkpoints were first written: compared only when not at their default, so that a
+# run from before a field existed (which trained as its default does) still matches and resumes.
+LATER_TRAIN_FIELDS = frozenset({"freeze_embeddings"})

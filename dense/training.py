@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from dense.atomic import atomic_directory, sha256_file
-from dense.config import OPERATIONAL_TRAIN_FIELDS, EncoderConfig, TrainConfig
+from dense.config import LATER_TRAIN_FIELDS, OPERATIONAL_TRAIN_FIELDS, EncoderConfig, TrainConfig
 from dense.distributed import (
     SINGLE,
     DistContext,
@@ -53,8 +53,9 @@ from dense.distributed import (
     init_distributed,
     run_on_main,
 )
-from dense.encoder import build_encoder, load_encoder
+from dense.encoder import BiEncoder, build_encoder, load_encoder
 from dense.encoder_base import MANIFEST_FILE, DenseEncoder
+from dense.static_encoder import StaticEmbeddingEncoder
 from dense.training_data import TrainingRecord, source_counts
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,24 @@ class _RngSnapshot:
             yield
 
 
+def encode_batch(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and passage embeddings of a (local) tokenized batch, with the graph for backward."""
+    with encoder.autocast(bf16):
+        q = torch.cat([encoder.encode_query(encoder.to_device(c)) for c in batch["queries"]])
+        p = torch.cat([encoder.encode_passage(encoder.to_device(c)) for c in batch["passages"]])
+    return q, p
+
+
+def contrastive_backward(
+    encoder: DenseEncoder, q: torch.Tensor, p: torch.Tensor, exclude: torch.Tensor, context: DistContext = SINGLE
+) -> float:
+    """The loss over the gathered global batch and its backward pass; returns the loss."""
+    q, p = gather_with_grad(q, context), gather_with_grad(p, context)
+    loss = encoder.loss(encoder.similarity(q, p), exclude=exclude.to(q.device))
+    loss.backward()
+    return float(loss.detach())
+
+
 def full_batch_loss(
     encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE
 ) -> float:
@@ -229,13 +248,8 @@ def full_batch_loss(
 
     Under ``context`` the gradients are this rank's part of the global batch's; :func:`train` sums them over ranks.
     """
-    with encoder.autocast(bf16):
-        q = torch.cat([encoder.encode_query(encoder.to_device(c)) for c in batch["queries"]])
-        p = torch.cat([encoder.encode_passage(encoder.to_device(c)) for c in batch["passages"]])
-    q, p = gather_with_grad(q, context), gather_with_grad(p, context)
-    loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(q.device))
-    loss.backward()
-    return float(loss.detach())
+    q, p = encode_batch(encoder, batch, bf16)
+    return contrastive_backward(encoder, q, p, batch["exclude"], context)
 
 
 def grad_cache_loss(
@@ -343,7 +357,10 @@ def save_checkpoint(
 
 
 def _comparable(train_config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in train_config.to_dict().items() if k not in OPERATIONAL_TRAIN_FIELDS}
+    """The fields a resumed or finished run must share (later-added fields only when set, see LATER_TRAIN_FIELDS)."""
+    defaults = TrainConfig().to_dict()
+    return {k: v for k, v in train_config.to_dict().items()
+            if k not in OPERATIONAL_TRAIN_FIELDS and not (k in LATER_TRAIN_FIELDS and v == defaults[k])}
 
 
 def _check_same_run(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Path) -> None:
@@ -362,12 +379,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def input_embedding_table(encoder: DenseEncoder) -> torch.nn.Parameter:
+    """The encoder's input token-embedding matrix ``(vocab, width)``: the transformer backbone's
+    ``get_input_embeddings()``, or the static encoder's bag table (its per-token weights are not part of it)."""
+    if isinstance(encoder, StaticEmbeddingEncoder):
+        return encoder.embedding.weight
+    if isinstance(encoder, BiEncoder):
+        return encoder.backbone.get_input_embeddings().weight
+    raise TypeError(f"no input embedding table known for {type(encoder).__name__}")
+
+
 def make_optimizer(encoder: DenseEncoder, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and per-token weights (1-d parameters) get no weight decay."""
+    """AdamW over the trainable parameters; biases, norms and per-token weights (1-d parameters) get no weight decay.
+
+    With ``config.freeze_embeddings`` the input embedding table is frozen here first (``requires_grad=False``): it
+    then gets no gradient in backward, no AdamW moments, no update, and no share of the gradient all-reduce under
+    torchrun (:func:`dense.distributed.all_reduce_gradients` skips parameters without a gradient, on every rank
+    alike). Called again on an encoder loaded from a checkpoint it freezes the same table, so the optimizer's
+    parameter groups match the saved optimizer state.
+    """
+    if config.freeze_embeddings:
+        input_embedding_table(encoder).requires_grad_(False)
     decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim < 2]
+    if not decay and not no_decay:
+        raise ValueError(
+            f"nothing to train: every parameter of the {encoder.config.kind} encoder is frozen (freeze_embeddings "
+            "on a static encoder leaves only learned_token_weights); set learned_token_weights = true or "
+            "freeze_embeddings = false"
+        )
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def apply_update(
+    encoder: DenseEncoder, optimizer: torch.optim.Optimizer, config: TrainConfig, context: DistContext = SINGLE
+) -> None:
+    """Everything of a step after the backward pass: sum gradients over ranks, clip, step, clear the gradients."""
+    all_reduce_gradients(encoder.parameters(), context)
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainable_parameters(encoder: DenseEncoder) -> int:
+    """Number of parameter values that receive gradients (after :func:`make_optimizer` froze what it freezes)."""
+    return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
 
 
 def total_steps(n_records: int, config: TrainConfig) -> int:
@@ -519,12 +577,14 @@ def train(
     )
     step_fn = grad_cache_loss if train_config.grad_cache_chunk else full_batch_loss
     logger.info(
-        "dense training: %d records (%s), %d steps (%d per epoch), batch %d x (1 + %d negatives)%s, %s, device %s",
+        "dense training: %d records (%s), %d steps (%d per epoch), batch %d x (1 + %d negatives)%s, %s, device %s, "
+        "%.1fM of %.1fM parameters trained%s",
         len(records), source_counts(records), total, dataset.steps_per_epoch, train_config.batch_size,
         train_config.hard_negatives,
         f" over {context.world_size} processes (rank {context.rank})" if context.enabled else "",
         f"GradCache chunks of {train_config.grad_cache_chunk}" if train_config.grad_cache_chunk else "full batch",
-        device,
+        device, trainable_parameters(encoder) / 1e6, encoder.num_parameters() / 1e6,
+        " (input embeddings frozen)" if train_config.freeze_embeddings else "",
     )
 
     validation_log = out_dir / VALIDATION_LOG
@@ -534,12 +594,8 @@ def train(
     progress = tqdm(total=total, initial=start_step, desc="train dense", unit="step", disable=not context.is_main)
     for step, batch in zip(range(start_step + 1, total + 1), loader, strict=True):
         last_loss = step_fn(encoder, batch, train_config.bf16, context)
-        all_reduce_gradients(encoder.parameters(), context)
-        if train_config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), train_config.max_grad_norm)
-        optimizer.step()
+        apply_update(encoder, optimizer, train_config, context)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         window_loss, window_steps = window_loss + last_loss, window_steps + 1
         lr = scheduler.get_last_lr()[0]
@@ -583,6 +639,7 @@ def train(
             },
             "steps": total,
             "steps_per_epoch": dataset.steps_per_epoch,
+            "trainable_parameters": trainable_parameters(encoder),
             "seconds": round(seconds, 1),
             "final_loss": last_loss,
             "loss_curve": loss_curve,

@@ -40,6 +40,8 @@ CASES: dict[str, Case] = {
         ["--run", str(_write(w / "run.trec", "200 Q0 3 1 1.0 x\n")), "--queries", str(d / "queries.dev.tsv")],
         "no-artifacts"),
     "benchmark_querygen.py": lambda w, d: (["--data-dir", str(w / "missing-data")], "missing-data"),
+    "benchmark_train_step.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml", "--base-model-dir",
+                                              str(w / "no-model"), "--variant", "freeze_embeddings=true"], "no-model"),
     "build_faiss_index.py": lambda w, d: ([], "no-artifacts"),
     "convert_smollm2.py": lambda w, d: (["--out", str(w / "model"), "--gguf", str(w / "missing.gguf")],
                                         "missing.gguf"),

@@ -1,4 +1,5 @@
-"""Dense training: the loss falls, GradCache equals the full batch, a killed run resumes exactly; training data."""
+"""Dense training: the loss falls, GradCache equals the full batch, a killed run resumes exactly, frozen input
+embeddings stay as they were; training data."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from dense.config import TrainConfig
 from dense.encoder import build_encoder, load_encoder
 from dense.encoder_base import DenseEncoder
 from dense.training import (
+    STATE_FILE,
     TrainingBatches,
     TrainingStateError,
+    _comparable,
+    apply_update,
     full_batch_loss,
     grad_cache_loss,
+    input_embedding_table,
     list_checkpoints,
+    make_optimizer,
     train,
 )
 from dense.training_data import (
@@ -120,6 +126,60 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_run(backbones: dict[str,
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     untrained = build_encoder(config, device="cpu")
     assert any(not torch.allclose(a, b) for a, b in zip(untrained.parameters(), resumed.parameters(), strict=True))
+
+
+def test_frozen_embeddings_stay_bit_identical_and_have_no_optimizer_state(backbones: dict[str, Path]) -> None:
+    encoder = build_encoder(tiny_encoder_config(backbones["bert"]), device="cpu")
+    config = _train_config(freeze_embeddings=True)
+    optimizer = make_optimizer(encoder, config)
+    table = input_embedding_table(encoder)
+    assert table is encoder.backbone.embeddings.word_embeddings.weight and not table.requires_grad
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    batches = TrainingBatches(RECORDS, PASSAGES.__getitem__, encoder, config)
+    for step in range(3):
+        full_batch_loss(encoder, batches[step], bf16=False)
+        assert table.grad is None
+        apply_update(encoder, optimizer, config)
+    assert all(p is not table for group in optimizer.param_groups for p in group["params"])
+    assert table not in optimizer.state and optimizer.state and all(p.requires_grad for p in optimizer.state)
+    changed = {name for name, p in encoder.named_parameters() if not torch.equal(p, before[name])}
+    assert torch.equal(table, before["backbone.embeddings.word_embeddings.weight"])
+    assert "backbone.embeddings.word_embeddings.weight" not in changed and len(changed) > 10
+
+
+def test_frozen_embeddings_of_a_static_encoder_leave_the_token_weights(backbones: dict[str, Path]) -> None:
+    config = _train_config(freeze_embeddings=True)
+    weighted = build_encoder(tiny_encoder_config(backbones["llama"], kind="static", learned_token_weights=True),
+                             device="cpu")
+    optimizer = make_optimizer(weighted, config)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == [weighted.token_weight]
+    plain = build_encoder(tiny_encoder_config(backbones["llama"], kind="static"), device="cpu")
+    with pytest.raises(ValueError, match="learned_token_weights"):
+        make_optimizer(plain, config)
+
+
+def test_frozen_embeddings_resume_exactly_and_count_in_the_run_identity(backbones: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    config = tiny_encoder_config(backbones["bert"])
+    train_config = _train_config(max_steps=4, checkpoint_every=2, keep_checkpoints=1, grad_cache_chunk=7,
+                                 freeze_embeddings=True)
+    straight = load_encoder(train(config, train_config, RECORDS, PASSAGES, tmp_path / "straight", device="cpu"))
+    killed_dir = tmp_path / "killed"
+    with pytest.raises(_Killed):
+        train(config, train_config.replace(eval_every=3), RECORDS, PASSAGES, killed_dir, validate=_kill_at(3),
+              device="cpu")
+    state = torch.load(killed_dir / "checkpoints" / "step-00000002" / STATE_FILE, weights_only=False)
+    assert state["train_config"]["freeze_embeddings"] is True
+    with pytest.raises(TrainingStateError, match="train_config differs"):
+        train(config, train_config.replace(freeze_embeddings=False), RECORDS, PASSAGES, killed_dir, resume=True,
+              device="cpu")
+    resumed = load_encoder(train(config, train_config, RECORDS, PASSAGES, killed_dir, resume=True, device="cpu"))
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    untrained = input_embedding_table(build_encoder(config, device="cpu"))
+    assert torch.equal(input_embedding_table(resumed), untrained)
+    # Left at its default the field stays out of the identity, so runs from before it existed still match.
+    assert "freeze_embeddings" not in _comparable(train_config.replace(freeze_embeddings=False))
 
 
 def test_batches_are_deterministic_and_mask_other_copies_of_a_positive(backbones: dict[str, Path]) -> None:
