@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -172,13 +173,18 @@ def bar_chart(
         ax.set_ylabel("score")
         ax.legend(ncols=min(len(systems), 5), fontsize=8, loc="upper left")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, path)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary file, then a rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=150)
+    os.replace(tmp, path)
     return path
 
 
@@ -307,6 +313,7 @@ __all__ = [
     "ModesReport",
     "ablation_table",
     "bar_chart",
+    "save_png",
     "evaluate_modes",
     "make_searcher",
     "p_column",

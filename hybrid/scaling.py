@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hybrid.artifacts import ArtifactError, read_stage, stage_dir
 from hybrid.evaluation import load_evaluation, markdown_table, output_paths
+from hybrid.report import save_png
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,9 @@ def scaling_chart(points: Sequence[RunMetrics], references: Mapping[str, RunMetr
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, path)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 __all__ = ["RunMetrics", "load_run", "scaling_chart", "scaling_table"]
