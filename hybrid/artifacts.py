@@ -191,3 +191,11 @@ def smollm2_dir(root: str | Path, num_layers: int | None = None) -> Path:
     if not (out / "config.json").is_file():
         convert_gguf_to_hf(out, num_layers=num_layers)
     return out
+
+
+def base_model_path(root: str | Path, base_model: str, base_layers: int = 0) -> str:
+    """A config's pretrained LM: a named HF model as it is, or ``"smollm2"`` cut to ``base_layers`` (0: all),
+    converted under ``<root>/base_models`` on first use."""
+    if base_model != "smollm2":
+        return base_model
+    return str(smollm2_dir(root, base_layers or None))

@@ -28,6 +28,7 @@ from hybrid.artifacts import (
     file_checksum,
     fingerprint,
     read_stage,
+    base_model_path,
     smollm2_dir,
     stage_dir,
     to_stored_path,
@@ -388,10 +389,7 @@ class Pipeline:
         return mined
 
     def _base_model(self) -> str:
-        c = self.config.dense
-        if c.base_model != "smollm2":
-            return c.base_model
-        return str(smollm2_dir(self.root, c.base_layers or None))
+        return base_model_path(self.root, self.config.dense.base_model, self.config.dense.base_layers)
 
     def _run_dense_train(self) -> dict:
         from dense.config import EncoderConfig, TrainConfig
@@ -508,9 +506,7 @@ class Pipeline:
 
     def cross_encoder_base(self, section) -> str:
         """The pretrained LM a cross-encoder starts from (``"smollm2"``: converted from the GGUF wheel)."""
-        if section.base_model != "smollm2":
-            return section.base_model
-        return str(smollm2_dir(self.root, section.base_layers or None))
+        return base_model_path(self.root, section.base_model, section.base_layers)
 
     def cross_encoder_records(self, section, extra: Sequence = ()) -> list:
         """Training records of the cross-encoder: the train queries outside the fusion holdout whose positive is in

@@ -56,11 +56,10 @@ def base_model(args: argparse.Namespace, config: PipelineConfig) -> str:
                 f"{args.base_model_dir} is not a Hugging Face model directory (no config.json); pass the pipeline's "
                 "<artifacts>/base_models/... or a directory made by scripts/convert_smollm2.py --out")
         return str(args.base_model_dir)
-    if config.dense.base_model != "smollm2":
-        return config.dense.base_model
-    from hybrid.artifacts import artifacts_dir, smollm2_dir
+    from hybrid.artifacts import artifacts_dir, base_model_path
 
-    return str(smollm2_dir(artifacts_dir(args.artifacts or config.artifacts or None), config.dense.base_layers or None))
+    root = artifacts_dir(args.artifacts or config.artifacts or None)
+    return base_model_path(root, config.dense.base_model, config.dense.base_layers)
 
 
 def main(argv: list[str] | None = None) -> None:
