@@ -122,6 +122,9 @@ class BiEncoder(DenseEncoder):
     def enable_gradient_checkpointing(self) -> None:
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def input_embedding_table(self) -> torch.nn.Parameter:
+        return self.backbone.get_input_embeddings().weight
+
     def tokenize_queries(self, texts: Sequence[str]) -> Batch:
         return self._tokenize(texts, self.config.query_prefix, self.config.query_max_len)
 

@@ -89,6 +89,10 @@ class DenseEncoder(nn.Module, abc.ABC):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory during training; a no-op for models without layers."""
 
+    @abc.abstractmethod
+    def input_embedding_table(self) -> nn.Parameter:
+        """The input token-embedding matrix ``(vocab, width)`` (what ``TrainConfig.freeze_embeddings`` freezes)."""
+
     # --- scoring and loss ------------------------------------------------------------------------------------
     def similarity(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Dot product of every query with every passage: ``(nq, np)`` (cosine when normalised)."""

@@ -92,6 +92,10 @@ class StaticEmbeddingEncoder(DenseEncoder):
     def dim(self) -> int:
         return int(self.embedding.weight.shape[1])
 
+    def input_embedding_table(self) -> nn.Parameter:
+        """The bag's token vectors (the learned per-token weights are separate and stay trainable)."""
+        return self.embedding.weight
+
     def tokenize_queries(self, texts: Sequence[str]) -> Batch:
         return self._tokenize(texts, self.config.query_prefix, self.config.query_max_len)
 

@@ -53,9 +53,8 @@ from dense.distributed import (
     init_distributed,
     run_on_main,
 )
-from dense.encoder import BiEncoder, build_encoder, load_encoder
+from dense.encoder import build_encoder, load_encoder
 from dense.encoder_base import MANIFEST_FILE, DenseEncoder
-from dense.static_encoder import StaticEmbeddingEncoder
 from dense.training_data import TrainingRecord, source_counts
 
 logger = logging.getLogger(__name__)
@@ -380,13 +379,8 @@ def seed_everything(seed: int) -> None:
 
 
 def input_embedding_table(encoder: DenseEncoder) -> torch.nn.Parameter:
-    """The encoder's input token-embedding matrix ``(vocab, width)``: the transformer backbone's
-    ``get_input_embeddings()``, or the static encoder's bag table (its per-token weights are not part of it)."""
-    if isinstance(encoder, StaticEmbeddingEncoder):
-        return encoder.embedding.weight
-    if isinstance(encoder, BiEncoder):
-        return encoder.backbone.get_input_embeddings().weight
-    raise TypeError(f"no input embedding table known for {type(encoder).__name__}")
+    """The encoder's input token-embedding matrix (:meth:`DenseEncoder.input_embedding_table`)."""
+    return encoder.input_embedding_table()
 
 
 def make_optimizer(encoder: DenseEncoder, config: TrainConfig) -> torch.optim.AdamW:
