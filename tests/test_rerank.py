@@ -171,10 +171,14 @@ def test_the_last_query_cost_guards_the_first_candidate_and_recovers():
     assert scorer.scored == ["p0"]
     out = searcher.search("q2", 8)  # 0.6 expected > 0.5: nothing is scored, the fused ranking comes back as is
     assert scorer.scored == ["p0"] and out == FUSED
-    searcher.search("q3", 8)  # the guess was halved to 0.3, which fits: scoring resumes
-    assert scorer.scored[1:] == ["p0"]
+    n = 2
+    while scorer.scored == ["p0"] and n < 50:  # each cut query shrinks the guess by ESTIMATE_DECAY
+        searcher.search(f"q{n + 1}", 8)
+        n += 1
+    assert scorer.scored[1:] == ["p0"]  # 0.6 x 0.96^k <= 0.5: scoring resumes, after a few cut queries, not at once
+    assert 0.6 * searcher.ESTIMATE_DECAY ** (n - 2) <= 0.5 < 0.6 * searcher.ESTIMATE_DECAY ** (n - 3)
     stats = searcher.budget_stats()
-    assert (stats.queries, stats.cut) == (3, 3)
+    assert (stats.queries, stats.cut) == (n, n)
     searcher.reset_budget_stats()
     assert searcher.budget_stats().queries == 0
 
