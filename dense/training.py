@@ -378,11 +378,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def input_embedding_table(encoder: DenseEncoder) -> torch.nn.Parameter:
-    """The encoder's input token-embedding matrix (:meth:`DenseEncoder.input_embedding_table`)."""
-    return encoder.input_embedding_table()
-
-
 def make_optimizer(encoder: DenseEncoder, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases, norms and per-token weights (1-d parameters) get no weight decay.
 
@@ -393,7 +388,7 @@ def make_optimizer(encoder: DenseEncoder, config: TrainConfig) -> torch.optim.Ad
     parameter groups match the saved optimizer state.
     """
     if config.freeze_embeddings:
-        input_embedding_table(encoder).requires_grad_(False)
+        encoder.input_embedding_table().requires_grad_(False)
     decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim < 2]
     if not decay and not no_decay:

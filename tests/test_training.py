@@ -20,7 +20,6 @@ from dense.training import (
     apply_update,
     full_batch_loss,
     grad_cache_loss,
-    input_embedding_table,
     list_checkpoints,
     make_optimizer,
     train,
@@ -132,7 +131,7 @@ def test_frozen_embeddings_stay_bit_identical_and_have_no_optimizer_state(backbo
     encoder = build_encoder(tiny_encoder_config(backbones["bert"]), device="cpu")
     config = _train_config(freeze_embeddings=True)
     optimizer = make_optimizer(encoder, config)
-    table = input_embedding_table(encoder)
+    table = encoder.input_embedding_table()
     assert table is encoder.backbone.embeddings.word_embeddings.weight and not table.requires_grad
     before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
     batches = TrainingBatches(RECORDS, PASSAGES.__getitem__, encoder, config)
@@ -176,8 +175,8 @@ def test_frozen_embeddings_resume_exactly_and_count_in_the_run_identity(backbone
     resumed = load_encoder(train(config, train_config, RECORDS, PASSAGES, killed_dir, resume=True, device="cpu"))
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    untrained = input_embedding_table(build_encoder(config, device="cpu"))
-    assert torch.equal(input_embedding_table(resumed), untrained)
+    untrained = build_encoder(config, device="cpu").input_embedding_table()
+    assert torch.equal(resumed.input_embedding_table(), untrained)
     # Left at its default the field stays out of the identity, so runs from before it existed still match.
     assert "freeze_embeddings" not in _comparable(train_config.replace(freeze_embeddings=False))
 
