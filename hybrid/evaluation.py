@@ -310,6 +310,9 @@ class EvaluationResult:
     run_path: Path
     metrics_path: Path
     inputs: str = ""  # fingerprint of queries, qrels, k, rel_level, latency_queries (for resuming)
+    # a searcher with a time budget (rerank): how often it cut scoring short in the quality pass, whose metrics
+    # therefore depend on the machine's speed; {"queries", "cut", "candidates_scored"}, None for other searchers
+    budget_cuts: dict[str, int] | None = None
 
     def summary(self) -> dict[str, float]:
         """Metrics plus ``p50_ms`` / ``p95_ms`` / ``qps`` when latency was measured (a report row)."""
@@ -326,6 +329,7 @@ class EvaluationResult:
             "latency": asdict(self.latency) if self.latency else None,
             "run_file": self.run_path.name,
             "inputs": self.inputs,
+            "budget_cuts": self.budget_cuts,
             "per_query": self.per_query,
         }
 
@@ -344,6 +348,7 @@ def load_evaluation(metrics_path: str | os.PathLike) -> EvaluationResult:
         run_path=path.with_name(data["run_file"]),
         metrics_path=path,
         inputs=data.get("inputs", ""),
+        budget_cuts=data.get("budget_cuts"),
     )
 
 
@@ -406,7 +411,16 @@ def evaluate_searcher(
     eval_qrels = {q: qrels[q] for q in to_search}
     logger.info("evaluating %s on %s: %d queries, k=%d, rel_level=%d", name, split, len(to_search), k, rel_level)
 
+    budgeted = all(callable(getattr(searcher, a, None)) for a in ("budget_stats", "reset_budget_stats"))
+    if budgeted:
+        searcher.reset_budget_stats()
     run = run_searcher(searcher, to_search, k, batch_size=batch_size, progress=progress)
+    budget_cuts = None
+    if budgeted:
+        stats = searcher.budget_stats()
+        budget_cuts = {"queries": stats.queries, "cut": stats.cut, "candidates_scored": stats.candidates_scored}
+        logger.info("%s on %s: the time budget cut scoring short on %d of %d queries of the quality pass", name,
+                    split, stats.cut, stats.queries)
     per_query = per_query_metrics(run, eval_qrels, rel_level)
     metrics = aggregate(per_query)
     latency = None
@@ -427,6 +441,7 @@ def evaluate_searcher(
         run_path=run_path,
         metrics_path=metrics_path,
         inputs=inputs_fingerprint(queries, qrels, k, rel_level, latency_queries),
+        budget_cuts=budget_cuts,
     )
     write_json_atomic(metrics_path, {**result.to_json(), "k": k, "rel_level": rel_level})
     logger.info(

@@ -295,6 +295,11 @@ def evaluate_modes(
         f"\n{split}: {n} queries, k={k}, relevant = grade >= {rel_level}; "
         "p: two-sided paired randomization test.\n"
     )
+    for mode, result in results.items():
+        if result.budget_cuts:
+            cuts = result.budget_cuts
+            note += (f"{mode}: its time budget cut scoring short on {cuts['cut']} of {cuts['queries']} queries "
+                     "(metrics of a budgeted mode depend on the machine's speed).\n")
     table_path = out / f"ablation.{split}.md"
     tmp = table_path.with_name(f".{table_path.name}.tmp-{os.getpid()}")
     tmp.write_text(table + note)

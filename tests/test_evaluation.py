@@ -22,6 +22,7 @@ from hybrid.evaluation import (
     run_searcher,
     write_trec_run,
 )
+from hybrid.rerank import BudgetStats
 
 QRELS = {
     "q1": {"a": 3, "b": 1, "c": 2},
@@ -231,6 +232,46 @@ def test_evaluate_searcher_writes_run_and_metrics(tmp_path) -> None:
     loaded = load_evaluation(result.metrics_path)
     assert loaded.metrics == result.metrics and loaded.per_query == result.per_query
     assert loaded.latency == result.latency and loaded.run_path == result.run_path
+
+
+class BudgetedFakeSearcher(FakeSearcher):
+    """Cuts every second query it reranks, like a RerankingSearcher on a machine too slow for half its batches."""
+
+    def __init__(self, rankings: dict[str, list[tuple[str, float]]]) -> None:
+        super().__init__(rankings)
+        self.reset_budget_stats()
+
+    def _count(self, n: int) -> None:
+        for _ in range(n):
+            self.queries += 1
+            self.cut += self.queries % 2 == 0
+
+    def search(self, query: str, k: int) -> list[FakeResult]:  # batch_search calls it once per query
+        self._count(1)
+        return super().search(query, k)
+
+    def budget_stats(self) -> BudgetStats:
+        return BudgetStats(self.queries, self.cut, 0)
+
+    def reset_budget_stats(self) -> None:
+        self.queries = self.cut = 0
+
+
+def test_evaluate_searcher_records_budget_cuts_of_the_quality_pass_only(tmp_path) -> None:
+    queries = {q: f"text {q}" for q in ("q1", "q2", "q3", "q4", "q5")}
+    searcher = BudgetedFakeSearcher({f"text {q}": r for q, r in RUN.items()})
+    searcher._count(7)  # counts from before the evaluation are not its own
+    result = evaluate_searcher(
+        searcher, queries, QRELS, name="rr", k=10, rel_level=1, out_dir=tmp_path, latency_queries=5, progress=False
+    )
+    # 4 counted queries searched (q4 has nothing relevant): 2 cut; the 5 timed calls after them are not included
+    assert result.budget_cuts == {"queries": 4, "cut": 2, "candidates_scored": 0}
+    assert load_evaluation(result.metrics_path).budget_cuts == result.budget_cuts
+    plain = evaluate_searcher(
+        FakeSearcher({f"text {q}": r for q, r in RUN.items()}), queries, QRELS, name="plain", k=10,
+        out_dir=tmp_path, latency_queries=0, progress=False,
+    )
+    assert plain.budget_cuts is None and load_evaluation(plain.metrics_path).budget_cuts is None
 
 
 @pytest.mark.integration
