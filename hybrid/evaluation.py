@@ -373,6 +373,15 @@ def inputs_fingerprint(
     )
 
 
+def _budgeted(searcher: Any) -> Any:
+    """The searcher itself, or the composed searcher a :class:`hybrid.Retriever` wraps, when it counts time-budget
+    cuts (``budget_stats`` / ``reset_budget_stats``, as :class:`hybrid.rerank.RerankingSearcher`); else ``None``."""
+    for candidate in (searcher, getattr(searcher, "searcher", None)):
+        if all(callable(getattr(candidate, a, None)) for a in ("budget_stats", "reset_budget_stats")):
+            return candidate
+    return None
+
+
 def evaluate_searcher(
     searcher: Searcher,
     queries: Mapping[str, str],
@@ -411,13 +420,13 @@ def evaluate_searcher(
     eval_qrels = {q: qrels[q] for q in to_search}
     logger.info("evaluating %s on %s: %d queries, k=%d, rel_level=%d", name, split, len(to_search), k, rel_level)
 
-    budgeted = all(callable(getattr(searcher, a, None)) for a in ("budget_stats", "reset_budget_stats"))
-    if budgeted:
-        searcher.reset_budget_stats()
+    budgeted = _budgeted(searcher)
+    if budgeted is not None:
+        budgeted.reset_budget_stats()
     run = run_searcher(searcher, to_search, k, batch_size=batch_size, progress=progress)
     budget_cuts = None
-    if budgeted:
-        stats = searcher.budget_stats()
+    if budgeted is not None:
+        stats = budgeted.budget_stats()
         budget_cuts = {"queries": stats.queries, "cut": stats.cut, "candidates_scored": stats.candidates_scored}
         logger.info("%s on %s: the time budget cut scoring short on %d of %d queries of the quality pass", name,
                     split, stats.cut, stats.queries)

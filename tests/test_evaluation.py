@@ -274,6 +274,24 @@ def test_evaluate_searcher_records_budget_cuts_of_the_quality_pass_only(tmp_path
     assert plain.budget_cuts is None and load_evaluation(plain.metrics_path).budget_cuts is None
 
 
+def test_evaluate_searcher_finds_the_budget_of_a_wrapped_searcher(tmp_path) -> None:
+    """hybrid.Retriever wraps the composed searcher (``.searcher``), which is where a reranker counts its cuts."""
+
+    class Wrapper(FakeSearcher):
+        def __init__(self, inner: BudgetedFakeSearcher) -> None:
+            super().__init__(inner.rankings)
+            self.searcher = inner
+
+        def search(self, query: str, k: int) -> list[FakeResult]:
+            return self.searcher.search(query, k)
+
+    inner = BudgetedFakeSearcher({f"text {q}": r for q, r in RUN.items()})
+    queries = {q: f"text {q}" for q in ("q1", "q2", "q3", "q5")}
+    result = evaluate_searcher(Wrapper(inner), queries, QRELS, name="w", k=10, out_dir=tmp_path, latency_queries=0,
+                               progress=False)
+    assert result.budget_cuts == {"queries": 4, "cut": 2, "candidates_scored": 0}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(("split", "rel_level"), [("dev", 1), ("dl19", 2)])
 def test_oracle_on_the_real_query_sets(split: str, rel_level: int, tmp_path) -> None:
