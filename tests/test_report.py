@@ -20,6 +20,7 @@ from hybrid.report import (
     paired_bootstrap_ci,
     paired_randomization_test,
 )
+from hybrid.rerank import BudgetStats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +177,26 @@ def test_evaluate_modes_writes_every_file_and_closes_searchers(tmp_path) -> None
     assert resumed.table == report.table
     with pytest.raises(ValueError, match="not among the evaluated modes"):
         evaluate_modes(FakeSearcher, ["sparse"], queries, QRELS, out_dir=tmp_path, significance_against=["hybrid"])
+
+
+def test_evaluate_modes_notes_the_budget_cuts_of_a_budgeted_mode(tmp_path) -> None:
+    class Budgeted(FakeSearcher):
+        """Says it cut every query, as a reranker on a machine too slow for its batch."""
+
+        def budget_stats(self) -> BudgetStats:
+            return BudgetStats(30, 30, 0)
+
+        def reset_budget_stats(self) -> None:
+            pass
+
+    queries = {q: q for q in QRELS}
+    report = evaluate_modes(
+        lambda mode: Budgeted(mode) if mode == "hybrid" else FakeSearcher(mode), ["sparse", "hybrid"], queries, QRELS,
+        out_dir=tmp_path, k=10, latency_queries=0, n_resamples=100, progress=False,
+    )  # fmt: skip
+    note = report.table_path.read_text()
+    assert "hybrid: its time budget cut scoring short on 30 of 30 queries" in note
+    assert "sparse: its time budget" not in note
 
 
 def test_evaluate_script_on_query_files(tmp_path, monkeypatch, capsys) -> None:
