@@ -159,9 +159,10 @@ class RerankingSearcher:
     """``inner``'s ranking with its top ``depth`` reordered by ``scorer`` (passage texts from ``passage_text``).
 
     ``time_budget_s`` (``None``: no limit) caps the seconds each query spends on scoring. Candidates are scored
-    ``batch_size`` at a time (one by default; a GPU scores a batch in about the time of one), best first; before
-    each batch, the searcher checks that the slowest batch seen so far would still finish inside the budget, and
-    stops otherwise. The candidates scored by then (a prefix of the top) are reordered
+    up to ``batch_size`` at a time (one by default; a GPU scores a batch in about the time of one), best first;
+    before each batch, the searcher takes the slowest cost per candidate seen so far and scores as many of the next
+    candidates as would still finish inside the budget (fewer than ``batch_size`` when that is all that fits), and
+    stops when not even one would. The candidates scored by then (a prefix of the top) are reordered
     as :func:`rerank_with_scores` does with that shorter depth, and the rest keep ``inner``'s order below them, so the
     answer is always one consistent ranking. The clock starts when reranking starts (after the first stage) and
     includes waiting for the scorer's lock under concurrent calls. :meth:`budget_stats` counts the cuts.
@@ -185,7 +186,7 @@ class RerankingSearcher:
         # the scorer's tokenizer cannot be shared by threads ("Already borrowed"); the model runs on all cores anyway
         self._lock = threading.Lock()
         self._queries = self._cut = self._scored = 0
-        self._cost_estimate = 0.0  # seconds per batch: the slowest of the last query, the guess for the next
+        self._cost_estimate = 0.0  # seconds per candidate: the slowest of the last query, the guess for the next
 
     def search(self, query: str, k: int) -> Ranking:
         if k < 1:
@@ -229,27 +230,34 @@ class RerankingSearcher:
         return rerank_with_scores(ranking, np.asarray(scores, dtype=np.float64), len(scores), self.weight)
 
     def _score_within_budget(self, query: str, texts: list[str], start: float) -> list[float]:
-        """Scores of the longest prefix of ``texts`` (in whole batches) that fits the budget (all without one).
+        """Scores of the longest prefix of ``texts`` that fits the budget (all of them without one).
 
-        The cost of the next batch is taken to be the slowest one measured in this query; before the first, the
-        last query's. A query that scores nothing shrinks that guess by ``ESTIMATE_DECAY``, so one slow spell cannot
-        switch reranking off for good, yet a machine on which a batch never fits retries only every ~20 queries
-        (at 1.7 s per batch against 0.75 s: 0.96^20 = 0.44), not every third as halving did (E19: p95 1.7 s with 59%
-        cuts), which keeps the queries that pay for a retry under 5%."""
+        The cost of a candidate is taken to be the slowest per-candidate cost measured in this query (a batch's time
+        over its size); before the first batch, the last query's. Each batch holds ``batch_size`` candidates or, when
+        fewer fit in the time left, that many (E20: on a machine where a batch of 5 takes 0.85 s against a 0.75-s
+        budget, the top 4 are reranked instead of none). A query that scores nothing shrinks the guess by
+        ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for good, yet a machine on which not even
+        one candidate fits retries only every ~20 queries, not every third as halving did (E19)."""
         scores: list[float] = []
-        slowest = self._cost_estimate
-        for begin in range(0, len(texts), self.batch_size):
-            if self.time_budget_s is not None and self._clock() - start + slowest > self.time_budget_s:
+        per_candidate = self._cost_estimate
+        begin = 0
+        while begin < len(texts):
+            size = min(self.batch_size, len(texts) - begin)
+            if self.time_budget_s is not None and per_candidate > 0:
+                left = self.time_budget_s - (self._clock() - start)
+                size = min(size, int(left / per_candidate))
+            if size < 1:
                 break
-            batch = texts[begin : begin + self.batch_size]
+            batch = texts[begin : begin + size]
             before = self._clock()
             new = np.asarray(self.scorer.score(query, batch), dtype=np.float64)
             if new.shape != (len(batch),):
                 raise ValueError(f"the scorer returned {new.shape} scores for {len(batch)} passages")
-            cost = self._clock() - before
-            slowest = cost if not scores else max(slowest, cost)
+            cost = (self._clock() - before) / len(batch)
+            per_candidate = cost if not scores else max(per_candidate, cost)
             scores.extend(float(x) for x in new)
-        self._cost_estimate = slowest if scores else self._cost_estimate * self.ESTIMATE_DECAY
+            begin += size
+        self._cost_estimate = per_candidate if scores else self._cost_estimate * self.ESTIMATE_DECAY
         return scores
 
 

@@ -183,6 +183,30 @@ def test_the_last_query_cost_guards_the_first_candidate_and_recovers():
     assert searcher.budget_stats().queries == 0
 
 
+def test_a_batch_that_no_longer_fits_shrinks_to_what_does():
+    """A machine where the whole batch costs more than the budget reranks the prefix that fits, not nothing."""
+
+    class CountingScorer(TimedScorer):
+        sizes: list[int]
+
+        def score(self, query, passages):
+            self.sizes.append(len(passages))
+            return super().score(query, passages)
+
+    clock = FakeClock()
+    scorer = CountingScorer(clock, [0.17])
+    scorer.sizes = []
+    searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=0.75,
+                                 clock=clock, batch_size=5)
+    searcher.search("q1", 8)  # no estimate yet: the whole batch of 5 is scored (0.85 s, over the budget)
+    out = searcher.search("q2", 8)  # 0.17 s per candidate: 4 fit in 0.75 s (0.68 s)
+    assert scorer.sizes == [5, 4]
+    assert pids(out) == ["p3", "p2", "p1", "p0", "p4", "p5", "p6", "p7"]
+    assert clock.now == pytest.approx(0.85 + 0.68)
+    stats = searcher.budget_stats()
+    assert (stats.queries, stats.cut, stats.candidates_scored) == (2, 1, 9)
+
+
 def test_the_budget_runs_on_the_real_clock():
     class SleepingScorer:
         def score(self, query, passages):
@@ -221,9 +245,10 @@ def test_candidates_are_scored_in_batches_within_the_budget():
     searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=1.0,
                                  clock=clock, batch_size=2)
     out = searcher.search("q", 8)
-    # the first batch (p0, p1) costs 0.6 s; a second batch would end at 1.2 s > 1.0 s
-    assert scorer.scored == ["p0", "p1"] and scorer.calls == 1
-    assert pids(out) == ["p1", "p0", "p2", "p3", "p4", "p5", "p6", "p7"]
+    # the first batch (p0, p1) costs 0.6 s; a second batch of 2 would end at 1.2 s > 1.0 s, a batch of 1 at 0.9 s
+    assert scorer.scored == ["p0", "p1", "p2"] and scorer.calls == 2
+    assert pids(out) == ["p2", "p1", "p0", "p3", "p4", "p5", "p6", "p7"]
+    assert searcher.budget_stats().cut == 1
     unlimited = CountingScorer(FakeClock(), [0.3])
     whole = RerankingSearcher(FixedBase(), unlimited, lambda p: list(p), depth=5, weight=None, batch_size=2)
     assert pids(whole.search("q", 8))[:5] == ["p4", "p3", "p2", "p1", "p0"] and unlimited.calls == 3  # 2 + 2 + 1
