@@ -243,9 +243,12 @@ class RerankingSearcher:
         begin = 0
         while begin < len(texts):
             size = min(self.batch_size, len(texts) - begin)
-            if self.time_budget_s is not None and per_candidate > 0:
+            if self.time_budget_s is not None:
                 left = self.time_budget_s - (self._clock() - start)
-                size = min(size, int(left / per_candidate))
+                if left < 0:  # spent already (no cost guess yet: the first query, or a budget shorter than a tick)
+                    break
+                if per_candidate > 0:
+                    size = min(size, int(left / per_candidate))
             if size < 1:
                 break
             batch = texts[begin : begin + size]
