@@ -13,7 +13,7 @@ import numpy as np
 
 from dense.searcher import DenseSearcher
 from fusion.searcher import FusedSearcher
-from hybrid.evaluation import LatencyStats, markdown_table, measure_latency
+from hybrid.evaluation import LatencyStats, budgeted_searcher, markdown_table, measure_latency
 from hybrid.rerank import RerankingSearcher
 from hybrid.retriever import Retriever
 
@@ -95,7 +95,7 @@ def _timed(retriever: Retriever, queries: Sequence[str], k: int, warmup: int) ->
     warm = max(0, min(warmup, len(queries) - 1))
     for q in queries[:warm]:
         retriever.search(q, k)
-    reranker = retriever.searcher if isinstance(retriever.searcher, RerankingSearcher) else None
+    reranker = budgeted_searcher(retriever)
     if reranker is not None:
         reranker.reset_budget_stats()
     stats = measure_latency(retriever, queries[warm:], k, warmup=0)

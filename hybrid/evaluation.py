@@ -373,7 +373,7 @@ def inputs_fingerprint(
     )
 
 
-def _budgeted(searcher: Any) -> Any:
+def budgeted_searcher(searcher: Any) -> Any:
     """The searcher itself, or the composed searcher a :class:`hybrid.Retriever` wraps, when it counts time-budget
     cuts (``budget_stats`` / ``reset_budget_stats``, as :class:`hybrid.rerank.RerankingSearcher`); else ``None``."""
     for candidate in (searcher, getattr(searcher, "searcher", None)):
@@ -420,7 +420,7 @@ def evaluate_searcher(
     eval_qrels = {q: qrels[q] for q in to_search}
     logger.info("evaluating %s on %s: %d queries, k=%d, rel_level=%d", name, split, len(to_search), k, rel_level)
 
-    budgeted = _budgeted(searcher)
+    budgeted = budgeted_searcher(searcher)
     if budgeted is not None:
         budgeted.reset_budget_stats()
     run = run_searcher(searcher, to_search, k, batch_size=batch_size, progress=progress)
@@ -470,6 +470,7 @@ __all__ = [
     "Searcher",
     "aggregate",
     "as_ranking",
+    "budgeted_searcher",
     "compute_metrics",
     "evaluate_searcher",
     "evaluated_qids",

@@ -235,9 +235,9 @@ class RerankingSearcher:
         The cost of a candidate is taken to be the slowest per-candidate cost measured in this query (a batch's time
         over its size); before the first batch, the last query's. Each batch holds ``batch_size`` candidates or, when
         fewer fit in the time left, that many (E22: on a box where a batch of 5 took ~0.85 s against the 0.75-s
-        budget, 4.45 of 5 were scored per dev query instead of 5 or none, p95 854 ms). A query that scores nothing shrinks the guess by
-        ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for good, yet a machine on which not even
-        one candidate fits retries only every ~20 queries, not every third as halving did (E19)."""
+        budget, 4.45 of 5 were scored per dev query instead of 5 or none, p95 854 ms). A query that scores nothing
+        shrinks the guess by ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for good, yet a machine
+        on which not even one candidate fits retries only every ~20 queries, not every third as halving did (E19)."""
         scores: list[float] = []
         per_candidate = self._cost_estimate
         begin = 0
