@@ -64,6 +64,27 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class SelfMinedRoundConfig:
+    """A second dense training round on negatives mined by the first round's own index (ANCE / RocketQA style).
+
+    With ``steps`` > 0 the dense_train stage trains ``dense.train.max_steps`` steps on BM25 negatives, encodes the
+    corpus with that model and searches it for every training query, then continues from that model for ``steps``
+    more steps (fresh warmup and decay, seed + 1) on the mined negatives (EXPERIMENTS.md E23)."""
+
+    steps: int = 0  # 0 = one round on BM25 negatives only
+    depth: int = 50  # mined from the first round's top this deep
+    skip_top: int = 3  # the first ranks hold most unlabelled positives: skipped
+    negatives: int = 3  # mined per query
+    keep_bm25: bool = True  # the round-1 (BM25) negatives stay in each query's pool; one is sampled per step
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.negatives < 1 or self.skip_top < 0 or self.depth <= self.skip_top:
+            raise ConfigError(
+                f"dense.refine: need steps >= 0, negatives >= 1, skip_top >= 0 and depth > skip_top, got {self}"
+            )
+
+
+@dataclass(frozen=True)
 class DenseConfig:
     base_model: str = "smollm2"  # "smollm2" (GGUF wheel, converted) or a HF model name / local path
     base_layers: int = 0  # keep only the first N layers of the base model (0 = all)
@@ -76,6 +97,7 @@ class DenseConfig:
     encode_shard_size: int = 50_000
     index_kind: str = "flat"  # flat | hnsw | ivfpq
     index_params: dict[str, Any] = field(default_factory=dict)
+    refine: SelfMinedRoundConfig = SelfMinedRoundConfig()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Stages that take long (dense training, corpus encoding, LLM generation) resume f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -41,6 +42,9 @@ from hybrid.msmarco import Collection, MsMarcoDir, read_collection
 logger = logging.getLogger(__name__)
 
 FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
+# dense_train with a second round (dense.refine): the first round's model and mined records live here
+FIRST_ROUND_DIR = "first_round"
+SELF_MINED_RECORDS = "self_mined_records.jsonl"
 STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
 # stages that run on every process of a torchrun launch (dense/distributed.py); the others run on rank 0 only
 DISTRIBUTED_STAGES = ("dense_train", "dense_index")
@@ -87,13 +91,20 @@ class Pipeline:
                      "dir": str(self._data_source_dir())},
             "bm25": asdict(c.sparse),
             "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
-            "dense_train": {"dense": asdict(c.dense), "holdout": c.fusion.holdout_queries, "seed": c.seed},
+            "dense_train": {"dense": self._dense_section(), "holdout": c.fusion.holdout_queries, "seed": c.seed},
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
             # the artifact format joins the inputs so artifacts from an older layout (no lexicon) are rebuilt
             "fusion": asdict(c.fusion) | {"artifact_format": FUSION_ARTIFACT_FORMAT},
             "rerank": self._rerank_section(),
             "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
         }[stage]
+
+    def _dense_section(self) -> dict[str, Any]:
+        section = asdict(self.config.dense)
+        # without a second round the field stays out, so models trained before it existed stay up to date
+        if not self.config.dense.refine.steps:
+            del section["refine"]
+        return section
 
     def _rerank_section(self) -> dict[str, Any]:
         section = asdict(self.config.rerank)
@@ -372,7 +383,7 @@ class Pipeline:
         if c.hard_negatives > 0:
             records = self._mine(records, self.bm25().batch_search, depth=c.hard_negatives_depth,
                                  n_negatives=c.hard_negatives, known_positives=known)
-        return records, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
+        return records, known, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
 
     def _mine(self, records: list, search, **options: Any) -> list:
         """``mine_hard_negatives``; under torchrun each rank mines every ``world_size``-th record and all ranks get
@@ -393,34 +404,83 @@ class Pipeline:
 
     def _run_dense_train(self) -> dict:
         from dense.config import EncoderConfig, TrainConfig
-        from dense.training import train
+        from dense.training import total_steps, train
 
         c = self.config.dense
         encoder_config = EncoderConfig.from_dict({"model_name_or_path": self._base_model(), **c.encoder})
         train_config = TrainConfig.from_dict({"seed": self.config.seed, **c.train})
-        records, counts = self._training_records()
+        records, known, counts = self._training_records()
         out = stage_dir(self.root, "dense_train")
+        refine = c.refine
 
         def prepare() -> bool:
             # A finished model or checkpoints from other inputs must not be mistaken for this run's; checkpoints
-            # made with the same inputs (a killed run) resume.
+            # made with the same inputs (a killed run) resume, and so does a finished first round.
             marker = out / "inputs_fingerprint.txt"
             if marker.exists() and marker.read_text().strip() != self.inputs_fingerprint("dense_train"):
-                for stale in ("model", "checkpoints"):
+                for stale in ("model", "checkpoints", FIRST_ROUND_DIR):
                     shutil.rmtree(out / stale, ignore_errors=True)
             elif read_stage(self.root, "dense_train") is not None:
                 shutil.rmtree(out / "model", ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(marker, self.inputs_fingerprint("dense_train") + "\n")
-            return (out / "checkpoints").exists()
+            return (out / "checkpoints").exists() or (out / FIRST_ROUND_DIR).exists()
 
         from dense.distributed import run_on_main
 
         resume = run_on_main(self.context, prepare)  # rank 0 decides; every rank then trains its share
+        if refine.steps:
+            first = train(encoder_config, train_config, records, self.passages().get, out / FIRST_ROUND_DIR,
+                          resume=resume)
+            records = self._self_mined_records(first, records, known)
+            counts["first_round_steps"] = total_steps(len(records), train_config)
+            counts["second_round_steps"] = refine.steps
+            encoder_config = dataclasses.replace(encoder_config, model_name_or_path=str(first))
+            train_config = dataclasses.replace(train_config, max_steps=refine.steps, seed=train_config.seed + 1)
         model_dir = train(encoder_config, train_config, records, self.passages().get, out, resume=resume)
         from dense.corpus_encoding import directory_fingerprint
 
         return {"model_fingerprint": directory_fingerprint(model_dir), "records": len(records), **counts}
+
+    def _self_mined_records(self, first_model: Path, records: list, known: dict[str, set[str]]) -> list:
+        """``records`` with the negatives of ``dense.refine``, mined from the corpus encoded by ``first_model``.
+
+        The mined records are written next to the first round's model and reused on a rerun, so a killed second
+        round resumes on exactly the same data (a rebuilt HNSW graph need not return the same neighbours); the
+        corpus encoding and index used for mining are deleted once they are.
+        """
+        from dense.corpus_encoding import directory_fingerprint, encode_corpus
+        from dense.encoder import load_encoder
+        from dense.faiss_index import IndexConfig, index_corpus
+        from dense.searcher import DenseSearcher
+        from dense.training_data import read_records, write_records
+
+        c = self.config.dense
+        work = first_model.parent
+        mined_path = work / SELF_MINED_RECORDS
+        if mined_path.is_file():
+            logger.info("dense_train: self-mined negatives from %s", mined_path)
+            return read_records(mined_path)
+        encoder = load_encoder(first_model, device=self.context.resolve_device(None))
+        encode_corpus(
+            encoder, Collection(self.data_dir().collection_path), work / "embeddings",
+            batch_size=c.encode_batch_size, shard_size=c.encode_shard_size,
+            model_fingerprint=directory_fingerprint(first_model), overwrite=True, context=self.context,
+        )
+        if self.context.is_main:
+            index_corpus(work / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
+                         index_dir=work / "faiss", force=True)
+        self.context.barrier()
+        searcher = DenseSearcher.from_dir(work / "faiss", encoder)
+        r = c.refine
+        mined = self._mine(records, searcher.batch_search, depth=r.depth, n_negatives=r.negatives,
+                           skip_top=r.skip_top, known_positives=known, keep_existing=r.keep_bm25)
+        if self.context.is_main:
+            write_records(mined, mined_path)
+            for scratch in ("embeddings", "faiss"):
+                shutil.rmtree(work / scratch, ignore_errors=True)
+        self.context.barrier()
+        return mined
 
     def encoder(self):
         from dense.encoder import load_encoder

@@ -41,6 +41,16 @@ def test_overrides_take_toml_values_and_bare_strings(tmp_path):
         load_config(cfg, ["no-equals-sign"])
 
 
+def test_second_round_settings_are_read_from_a_table_and_checked(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[dense.refine]\nsteps = 40\ndepth = 30\n")
+    refine = load_config(cfg).dense.refine
+    assert (refine.steps, refine.depth, refine.skip_top, refine.negatives, refine.keep_bm25) == (40, 30, 3, 3, True)
+    for bad in ("dense.refine.depth=3", "dense.refine.negatives=0", "dense.refine.steps=-1"):
+        with pytest.raises(ConfigError, match="dense.refine"):
+            load_config(cfg, [bad])
+
+
 def test_missing_file_and_missing_data_dir(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -161,3 +161,63 @@ def test_changed_dense_config_retrains_from_scratch_and_outdates_downstream(buil
     import json
 
     assert json.loads((root / "dense_model" / "model" / "manifest.json").read_text())["steps"] == 4
+
+
+def test_second_round_trains_on_negatives_mined_by_the_first_rounds_index(built, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    from dense.training_data import read_records
+    from hybrid.config import SelfMinedRoundConfig
+
+    pipeline, done, _ = built
+    root = tmp_path / "artifacts"
+    shutil.copytree(pipeline.root, root)
+    refine = SelfMinedRoundConfig(steps=3, depth=10, skip_top=2, negatives=3)
+    config = dataclasses.replace(pipeline.config, dense=dataclasses.replace(pipeline.config.dense, refine=refine))
+    record = Pipeline(config, root).run(["dense_train"])["dense_train"]
+    assert (record["first_round_steps"], record["second_round_steps"]) == (6, 3)
+
+    out = root / "dense_model"
+    first, final = out / "first_round" / "model", out / "model"
+    assert json.loads((first / "manifest.json").read_text())["steps"] == 6
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["steps"] == 3 and manifest["encoder_config"]["model_name_or_path"] == str(first)
+    # the first round's model, not the base model, is where the second round started: its trained weights differ
+    assert record["model_fingerprint"] != done["dense_train"]["model_fingerprint"]
+
+    mined = read_records(out / "first_round" / "self_mined_records.jsonl")
+    assert len(mined) == record["records"]
+    grew = sum(len(r.negatives) > 3 for r in mined)  # the BM25 negatives (3) kept, mined ones added
+    assert grew > len(mined) // 2
+    assert all(not set(r.negatives) & set(r.positives) for r in mined)
+    # the mining scratch (corpus encoding, index) is gone; the records stay
+    assert not (out / "first_round" / "embeddings").exists() and not (out / "first_round" / "faiss").exists()
+
+    # a killed second round resumes on the same mined records, without training the first round again
+    kept = {p: p.stat().st_mtime_ns for p in (first / "manifest.json", out / "first_round" / "self_mined_records.jsonl")}
+    weights = (final / "model.safetensors").read_bytes()
+    shutil.rmtree(final)
+    (out / "stage.json").unlink()
+    Pipeline(config, root).run(["dense_train"])
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (final / "model.safetensors").read_bytes() == weights  # the same data, the same start: the same model
+
+
+def test_without_a_second_round_its_settings_leave_the_dense_fingerprint_alone(built):
+    import dataclasses
+
+    from hybrid.config import SelfMinedRoundConfig
+
+    pipeline, _, _ = built
+
+    def fingerprint(refine: SelfMinedRoundConfig) -> str:
+        dense = dataclasses.replace(pipeline.config.dense, refine=refine)
+        return Pipeline(dataclasses.replace(pipeline.config, dense=dense), pipeline.root).inputs_fingerprint(
+            "dense_train")
+
+    off = fingerprint(SelfMinedRoundConfig())
+    assert off == pipeline.inputs_fingerprint("dense_train")
+    assert fingerprint(SelfMinedRoundConfig(depth=99)) == off  # steps = 0: no second round, nothing changes
+    assert fingerprint(SelfMinedRoundConfig(steps=5)) != off
