@@ -432,9 +432,9 @@ class Pipeline:
         if refine.steps:
             first = train(encoder_config, train_config, records, self.passages().get, out / FIRST_ROUND_DIR,
                           resume=resume)
-            records = self._self_mined_records(first, records, known)
             counts["first_round_steps"] = total_steps(len(records), train_config)
             counts["second_round_steps"] = refine.steps
+            records = self._self_mined_records(first, records, known)
             encoder_config = dataclasses.replace(encoder_config, model_name_or_path=str(first))
             train_config = dataclasses.replace(train_config, max_steps=refine.steps, seed=train_config.seed + 1)
         model_dir = train(encoder_config, train_config, records, self.passages().get, out, resume=resume)
@@ -449,30 +449,21 @@ class Pipeline:
         round resumes on exactly the same data (a rebuilt HNSW graph need not return the same neighbours); the
         corpus encoding and index used for mining are deleted once they are.
         """
-        from dense.corpus_encoding import directory_fingerprint, encode_corpus
+        from dense.corpus_encoding import directory_fingerprint
         from dense.encoder import load_encoder
-        from dense.faiss_index import IndexConfig, index_corpus
         from dense.searcher import DenseSearcher
         from dense.training_data import read_records, write_records
 
-        c = self.config.dense
         work = first_model.parent
         mined_path = work / SELF_MINED_RECORDS
         if mined_path.is_file():
             logger.info("dense_train: self-mined negatives from %s", mined_path)
             return read_records(mined_path)
         encoder = load_encoder(first_model, device=self.context.resolve_device(None))
-        encode_corpus(
-            encoder, Collection(self.data_dir().collection_path), work / "embeddings",
-            batch_size=c.encode_batch_size, shard_size=c.encode_shard_size,
-            model_fingerprint=directory_fingerprint(first_model), overwrite=True, context=self.context,
-        )
-        if self.context.is_main:
-            index_corpus(work / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
-                         index_dir=work / "faiss", force=True)
+        self._encode_and_index(encoder, directory_fingerprint(first_model), work)
         self.context.barrier()
         searcher = DenseSearcher.from_dir(work / "faiss", encoder)
-        r = c.refine
+        r = self.config.dense.refine
         mined = self._mine(records, searcher.batch_search, depth=r.depth, n_negatives=r.negatives,
                            skip_top=r.skip_top, known_positives=known, keep_existing=r.keep_bm25)
         if self.context.is_main:
@@ -489,26 +480,32 @@ class Pipeline:
         return load_encoder(stage_dir(self.root, "dense_train") / "model", device=self.context.resolve_device(None))
 
     # ---- corpus encoding + faiss -----------------------------------------------------------------------------
-    def _run_dense_index(self) -> dict:
+    def _encode_and_index(self, encoder, model_fingerprint: str, out: Path):
+        """The corpus encoded by ``encoder`` into ``out/embeddings`` (every rank its share of the shards) and its
+        faiss index in ``out/faiss`` (built once, by rank 0); returns the encoded corpus and the index directory
+        (``None`` on the other ranks)."""
         from dense.corpus_encoding import encode_corpus
         from dense.faiss_index import IndexConfig, index_corpus
 
         c = self.config.dense
-        model_fp = read_stage(self.root, "dense_train")["model_fingerprint"]
-        out = stage_dir(self.root, "dense_index")
-        data = self.data_dir()
-        encoder = self.encoder()
         corpus = encode_corpus(
-            encoder, Collection(data.collection_path), out / "embeddings",
-            batch_size=c.encode_batch_size, shard_size=c.encode_shard_size, model_fingerprint=model_fp,
+            encoder, Collection(self.data_dir().collection_path), out / "embeddings",
+            batch_size=c.encode_batch_size, shard_size=c.encode_shard_size, model_fingerprint=model_fingerprint,
             overwrite=True, context=self.context,
         )
-        if not self.context.is_main:  # the index is built once, by rank 0
-            return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim}
+        if not self.context.is_main:
+            return corpus, None
         index_dir = index_corpus(out / "embeddings", IndexConfig.from_dict({"kind": c.index_kind, **c.index_params}),
                                  index_dir=out / "faiss", force=True)
-        return {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim,
-                "index_dir": to_stored_path(self.root, index_dir)}
+        return corpus, index_dir
+
+    def _run_dense_index(self) -> dict:
+        model_fp = read_stage(self.root, "dense_train")["model_fingerprint"]
+        corpus, index_dir = self._encode_and_index(self.encoder(), model_fp, stage_dir(self.root, "dense_index"))
+        summary = {"model_fingerprint": model_fp, "count": corpus.count, "dim": corpus.dim}
+        if index_dir is None:  # not rank 0
+            return summary
+        return {**summary, "index_dir": to_stored_path(self.root, index_dir)}
 
     def dense_searcher(self):
         from dense.searcher import DenseSearcher
