@@ -153,6 +153,9 @@ class RerankConfig:
     weight: float = 1.0
     max_passage_tokens: int = 160
     system_prompt: str | None = None  # chat system turn: None = the template's own, "" = empty (shorter, E10)
+    # QL scorer precision: "float32", "bfloat16", or "auto" (bfloat16 on a CPU with native bf16 instructions, else
+    # float32; fusion.query_likelihood.QueryLikelihoodConfig.dtype)
+    dtype: str = "float32"
     default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
     # seconds per query for scoring candidates (after the first stage): candidates are scored batch_size at a time
     # until the next batch would not fit, the rest keep the fused order (hybrid.rerank.RerankingSearcher)
@@ -173,6 +176,8 @@ class RerankConfig:
             raise ConfigError(f"rerank.combine must be 'replace' or 'interpolate', got {self.combine!r}")
         if self.default and not self.enabled:
             raise ConfigError("rerank.default = true needs rerank.enabled = true")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ConfigError(f"rerank.dtype must be 'float32', 'bfloat16' or 'auto', got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

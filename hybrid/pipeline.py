@@ -114,6 +114,8 @@ class Pipeline:
             del section["scorer"], section["cross_encoder"]
         if section["batch_size"] == 1:
             del section["batch_size"]
+        if section["dtype"] == "float32":
+            del section["dtype"]
         return section
 
     def inputs_fingerprint(self, stage: str) -> str:

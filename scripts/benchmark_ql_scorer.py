@@ -6,7 +6,8 @@ variant's scores with the plain fp32 scorer (EXPERIMENTS.md E10).
 
 A variant is '-'-separated options: base (the default scorer: E9's prompt, passages <= 160 tokens), nosys (empty system turn), p96 / p128 (passage limit),
 b1 (one candidate per batch), int8 (dynamic int8 Linear layers; add 'body' for the decoder only, 'mlp' for the MLPs
-only, 'pc' for per-channel weights), bf16 (bfloat16 weights), l<N> (early exit after N layers).
+only, 'pc' for per-channel weights), bf16 (the scorer's dtype="bfloat16": decoder in bfloat16, LM head in float32; E10's
+row cast the whole model), l<N> (early exit after N layers).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def build_scorer(model_dir: Path, variant: str):
         kwargs["system_prompt"] = ""
     if "b1" in opts:
         kwargs["batch_size"] = 1
+    if "bf16" in opts:
+        kwargs["dtype"] = "bfloat16"
     scorer = QueryLikelihoodScorer.from_dir(model_dir, QueryLikelihoodConfig(**kwargs))
     if "int8" in opts:
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
@@ -47,8 +50,6 @@ def build_scorer(model_dir: Path, variant: str):
             linears = [n for n in linears if n.startswith("model.")]
         scorer.model = torch.ao.quantization.quantize_dynamic(scorer.model, dict.fromkeys(linears, qconfig),
                                                              dtype=torch.qint8)
-    if "bf16" in opts:
-        scorer.model = scorer.model.to(torch.bfloat16)
     scorer.refresh_prefix_cache()  # from the model as modified
     return scorer
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, required=True, help="TREC run whose top candidates are scored")
     p.add_argument("--queries", type=Path, required=True)
     p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None, help="candidates per scorer call (default: the scorer's)")
     p.add_argument("--max-queries", type=int, default=40)
     p.add_argument("--variants", default="base")
     p.add_argument("--artifacts", type=Path, default=None)

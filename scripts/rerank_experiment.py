@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="ql: causal LM directory (default: the full SmolLM2; e.g. one from train_ql_reranker.py); "
                         "cross_encoder: the trained model directory (required)")
     p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="QL scorer precision (auto: bfloat16 on a CPU with native bf16 instructions)")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.scorer == "cross_encoder" and not args.model_dir:
         raise SystemExit("--scorer cross_encoder needs --model-dir (a model from scripts/train_cross_encoder.py)")
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
-                                   num_layers=args.num_layers)
+                                   num_layers=args.num_layers, dtype=args.dtype)
     model = "smollm2-135m-instruct-full"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
         files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.model_dir} holds no *.safetensors or *.bin weights")
         weights = max(files, key=lambda f: f.stat().st_mtime)
         model = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}"
-    key = f"{model}:{config}"
+    # the dtype joins the cache key only when it is not the default, so caches from before the field existed hold
+    key = f"{model}:{config}".replace(", dtype='float32'", "")
     if args.scorer == "cross_encoder":
         from fusion.cross_encoder import CrossEncoderScorer
 

@@ -103,3 +103,20 @@ def test_no_setting_outside_evaluation_names_an_evaluation_split(config):
     leaks = {name: value for name, value in _fields(config)
              if name not in EVALUATION_FIELDS and EVALUATION_SPLITS & set(_strings(value))}
     assert leaks == {}
+
+
+def test_rerank_dtype_is_checked_and_float32_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
+
+    def pipeline(dtype: str) -> Pipeline:
+        config = PipelineConfig()
+        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, dtype=dtype)),
+                        tmp_path / "a")
+
+    # float32 (the default) stays out of the stage's inputs, so rerank stages built before the field still hold
+    assert "dtype" not in pipeline("float32")._rerank_section()
+    fp32 = pipeline("float32").inputs_fingerprint("rerank")
+    assert pipeline("auto").inputs_fingerprint("rerank") != fp32 != pipeline("bfloat16").inputs_fingerprint("rerank")
+    assert pipeline("auto").inputs_fingerprint("fusion") == pipeline("float32").inputs_fingerprint("fusion")
+    with pytest.raises(ConfigError, match="rerank.dtype"):
+        load_config(CONFIGS[0], ['rerank.dtype="float16"'])

@@ -99,3 +99,36 @@ def test_num_layers_keeps_the_first_layers_of_the_given_model() -> None:
         QueryLikelihoodScorer(model, tokenizer, QueryLikelihoodConfig(num_layers=5))
     with pytest.raises(ValueError):
         QueryLikelihoodConfig(num_layers=0)
+
+
+def test_bfloat16_runs_the_decoder_in_bf16_and_the_head_in_float32(tiny_lm) -> None:
+    model, tok = tiny_lm
+    want = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_passage_tokens=8)).score("where is paris",
+                                                                                               PASSAGES)
+    scorer = QueryLikelihoodScorer(copy.deepcopy(model), tok,
+                                   QueryLikelihoodConfig(max_passage_tokens=8, dtype="bfloat16", batch_size=3))
+    assert scorer.dtype == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in scorer.decoder().parameters())
+    assert scorer._head is not None and scorer._head[0].dtype == torch.float32
+    assert scorer._prefix_kv is None or scorer._prefix_kv[0][0].dtype == torch.bfloat16
+    got = scorer.score("where is paris", PASSAGES)
+    assert got.dtype == np.float64 and got.shape == (4,)
+    # bf16 keeps ~3 significant digits: close to float32, not equal
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert not np.array_equal(got, want)
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_native_bf16(monkeypatch) -> None:
+    import fusion.query_likelihood as ql
+
+    assert isinstance(ql.cpu_has_native_bf16(), bool)
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: True)
+    assert ql.resolve_dtype("auto", cpu) == "bfloat16"
+    assert ql.resolve_dtype("auto", cuda) == "float32"
+    monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: False)
+    assert ql.resolve_dtype("auto", cpu) == "float32"
+    assert ql.resolve_dtype("bfloat16", cpu) == "bfloat16" and ql.resolve_dtype("float32", cpu) == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        QueryLikelihoodConfig(dtype="float16")
