@@ -1,13 +1,14 @@
 r"""Time the query-likelihood scorer on a saved run's top candidates under speed variants, and compare each
-variant's scores with the plain fp32 scorer (EXPERIMENTS.md E10).
+variant's scores with the first variant's (by default the plain fp32 scorer; EXPERIMENTS.md E10, E27).
 
     python scripts/benchmark_ql_scorer.py --run artifacts/eval/hybrid.dev.trec \
         --queries $MSMARCO_DIR/queries.dev.tsv --depth 2 --max-queries 40 --variants base,int8,nosys,p96
 
-A variant is '-'-separated options: base (the default scorer: E9's prompt, passages <= 160 tokens), nosys (empty system turn), p96 / p128 (passage limit),
-b1 (one candidate per batch), int8 (dynamic int8 Linear layers; add 'body' for the decoder only, 'mlp' for the MLPs
-only, 'pc' for per-channel weights), bf16 (the scorer's dtype="bfloat16": decoder in bfloat16, LM head in float32; E10's
-row cast the whole model), l<N> (early exit after N layers).
+A variant is '-'-separated options: base (the default scorer: E9's prompt, passages <= 160 tokens), nosys (empty
+system turn), p64 / p96 / p128 (passage limit), b1 (one candidate per batch), int8 (dynamic int8 Linear layers; add
+'body' for the decoder only, 'mlp' for the MLPs only, 'pc' for per-channel weights), bf16 (the scorer's
+dtype="bfloat16": decoder in bfloat16, LM head in float32; E10's row cast the whole model), l<N> (early exit after N
+layers).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None, help="candidates per scorer call (default: the scorer's)")
     p.add_argument("--max-queries", type=int, default=40)
-    p.add_argument("--variants", default="base")
+    p.add_argument("--variants", default="base", help="comma-separated; the first is the reference for agreement")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     store = PassageStore.open(stage_dir(root, "data"))
     texts = {q: store.get_many([pid for pid, _ in run[q][: args.depth]]) for q in qids}
     results = {}
-    for variant in ["base", *[v for v in args.variants.split(",") if v != "base"]]:
+    variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+    for variant in variants:
         scorer = build_scorer(smollm2_dir(root), variant)
         scorer.score("warm up", texts[qids[0]])
         seconds, scores = [], {}
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             seconds.append(time.perf_counter() - start)
         results[variant] = (np.array(seconds) * 1e3, scores)
         del scorer
-    base = results["base"][1]
-    print(f"| variant | p50 ms | p95 ms | mean ms | top-1 agrees with base | mean abs score diff | n = {len(qids)} |")
+    base = results[variants[0]][1]
+    print(f"| variant | p50 ms | p95 ms | mean ms | top-1 agrees with {variants[0]} | mean abs score diff | "
+          f"n = {len(qids)} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for variant, (ms, scores) in results.items():
         agree = sum(int(np.argmax(scores[q]) == np.argmax(base[q])) for q in qids)
