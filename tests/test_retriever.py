@@ -18,7 +18,7 @@ from hybrid.artifacts import (
     stage_dir,
     write_json_atomic,
 )
-from hybrid.config import RerankConfig
+from hybrid.config import ConfigError, RerankConfig
 from hybrid.msmarco import read_collection
 from hybrid.pipeline import UPSTREAM
 from hybrid.rerank import RerankingSearcher
@@ -243,6 +243,29 @@ def test_settings_written_before_the_time_budget_existed_get_the_default(artifac
     del settings["time_budget_s"]
     path.write_text(json.dumps(settings))
     assert Retriever(mode="rerank", artifacts_dir=artifacts_copy).searcher.time_budget_s == RerankConfig().time_budget_s
+
+
+def test_the_scorer_precision_comes_from_the_stage_settings(tiny_artifacts, artifacts_copy):
+    from fusion.query_likelihood import resolve_dtype
+
+    stage = RerankSettings.read(tiny_artifacts.root).config  # the CPU config's "auto"
+    scorer = retriever(tiny_artifacts, "rerank").searcher.scorer
+    assert scorer.dtype == resolve_dtype(stage.dtype, scorer.device)
+    settings = json.loads((artifacts_copy / "rerank" / "settings.json").read_text())
+    del settings["dtype"]  # settings written before the field existed: float32
+    (artifacts_copy / "rerank" / "settings.json").write_text(json.dumps(settings))
+    assert Retriever(mode="rerank", artifacts_dir=artifacts_copy).searcher.scorer.dtype == "float32"
+    _write_rerank_settings(artifacts_copy, dtype="bfloat16")
+    bf16 = Retriever(mode="rerank", artifacts_dir=artifacts_copy)
+    assert bf16.searcher.scorer.dtype == "bfloat16"
+    hybrid = retriever(tiny_artifacts, "hybrid")
+    for query in queries(tiny_artifacts):  # still a reordering of the fused top, nothing else moves
+        a = [x.document_id for x in hybrid.search(query, 10)]
+        b = [x.document_id for x in bf16.search(query, 10)]
+        assert sorted(a[:RERANK_DEPTH]) == sorted(b[:RERANK_DEPTH]) and a[RERANK_DEPTH:] == b[RERANK_DEPTH:]
+    _write_rerank_settings(artifacts_copy, dtype="float16")
+    with pytest.raises(ConfigError, match="rerank.dtype"):
+        Retriever(mode="rerank", artifacts_dir=artifacts_copy)
 
 
 def test_a_spent_time_budget_falls_back_to_the_fused_order_and_is_counted(tiny_artifacts, artifacts_copy):
