@@ -102,6 +102,10 @@ class EncoderConfig(_DictConfig):
     """Static encoder only: reduce the embedding table to this many PCA dimensions (None: keep the LM's width)."""
     learned_token_weights: bool = False
     """Static encoder only: learn one scalar weight per vocabulary token (a learned IDF)."""
+    cpu_bf16: bool = False
+    """bf16 autocast on a CPU too (training, corpus and query encoding; weights and optimizer state stay float32).
+    Only worth it on a CPU with native bf16 (AVX512-BF16 or AMX): elsewhere bf16 is emulated and slower (E10, E29).
+    Off by default; CUDA uses bf16 autocast whenever ``TrainConfig.bf16`` is on, whatever this says."""
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:

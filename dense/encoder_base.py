@@ -135,9 +135,12 @@ class DenseEncoder(nn.Module, abc.ABC):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls are slow on most CPUs)."""
+        """bf16 autocast on CUDA; on a CPU only with ``config.cpu_bf16`` (bf16 matmuls are emulated and slow on most
+        CPUs, fast on those with native bf16)."""
         if enabled and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if enabled and self.device.type == "cpu" and self.config.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # --- inference helpers -----------------------------------------------------------------------------------

@@ -163,3 +163,22 @@ def test_configs_reject_unknown_keys_and_bad_values() -> None:
         EncoderConfig.from_dict({"pooling": "mean"})
     config = TrainConfig.from_dict({"lr": 1, "max_steps": 10})  # an int where a float is expected is fine
     assert config.lr == 1.0 and TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_cpu_bf16_autocasts_on_a_cpu_and_keeps_float32_weights(backbones: dict[str, Path], tmp_path: Path) -> None:
+    plain = BiEncoder.build(tiny_encoder_config(backbones["llama"]), "cpu")
+    bf16 = BiEncoder.build(tiny_encoder_config(backbones["llama"], cpu_bf16=True), "cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    with bf16.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with bf16.autocast(enabled=False), plain.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    want, got = plain.encode_passages(TEXTS), bf16.encode_passages(TEXTS)
+    assert got.dtype == np.float32
+    # the same weights: close (bf16 keeps ~3 significant digits), not equal
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert not np.array_equal(got, want)
+    # the flag is saved with the model, so search-time query encoding runs as training did
+    bf16.save(tmp_path / "enc")
+    assert load_encoder(tmp_path / "enc", device="cpu").config.cpu_bf16

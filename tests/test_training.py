@@ -62,7 +62,8 @@ def _mean_loss(encoder: DenseEncoder) -> float:
 
 @pytest.mark.parametrize(
     "model, changes",
-    [("bert", {"pooling": "mean"}), ("llama", {"pooling": "last"}), ("llama", {"kind": "static", "temperature": 0.05})],
+    [("bert", {"pooling": "mean"}), ("llama", {"pooling": "last"}), ("llama", {"kind": "static", "temperature": 0.05}),
+     ("llama", {"pooling": "mean", "cpu_bf16": True})],  # bf16 autocast on the CPU (E29)
 )
 def test_loss_falls_on_a_toy_set(backbones: dict[str, Path], tmp_path: Path, model: str, changes: dict) -> None:
     config = tiny_encoder_config(backbones[model], **changes)
