@@ -222,6 +222,19 @@ class _RngSnapshot:
             yield
 
 
+def warn_if_cpu_bf16_is_emulated(encoder_config: EncoderConfig, device: torch.device | str) -> bool:
+    """Log a warning (and return True) when ``cpu_bf16`` asks for bf16 autocast on a CPU that only emulates bf16,
+    where training and encoding run several times slower than in float32 (EXPERIMENTS E10, E29)."""
+    from dense.precision import cpu_has_native_bf16
+
+    if encoder_config.cpu_bf16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("dense.encoder.cpu_bf16 = true, but this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is "
+                       "emulated and slower than float32 here; set it to false (e.g. --set "
+                       "dense.encoder.cpu_bf16=false), which trains a different model than the shipped config")
+        return True
+    return False
+
+
 def encode_batch(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Query and passage embeddings of a (local) tokenized batch, with the graph for backward."""
     with encoder.autocast(bf16):
@@ -526,6 +539,7 @@ def train(
         check_passages_exist(records, passage_text)
     lookup = _passage_lookup(passage_text)
     device = context.resolve_device(device)
+    warn_if_cpu_bf16_is_emulated(encoder_config, device)
 
     seed_everything(train_config.seed)
     start_step, elapsed, state = 0, 0.0, None

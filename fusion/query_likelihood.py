@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dense.precision import cpu_has_native_bf16
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -211,17 +213,6 @@ class QueryLikelihoodScorer:
         logp = torch.log_softmax(logits, dim=-1)
         token_logp = logp.gather(-1, ids[rows, target_pos].unsqueeze(-1)).squeeze(-1)
         return token_logp.mean(dim=1)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), as torch reports it."""
-    import torch
-
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    try:
-        return any(bool(check()) for check in checks if check is not None)
-    except RuntimeError:  # pragma: no cover - a torch build without the CPU probes
-        return False
 
 
 def resolve_dtype(dtype: str, device) -> str:

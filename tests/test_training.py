@@ -238,3 +238,17 @@ def test_msmarco_train_records_keep_queries_with_a_positive_in_the_corpus() -> N
     assert records == [TrainingRecord("1", "one", ("a",), (), "msmarco-train"),
                        TrainingRecord("3", "three", ("b",), (), "msmarco-train")]
 
+
+
+def test_cpu_bf16_on_a_cpu_without_native_bf16_warns(backbones: dict[str, Path], monkeypatch, caplog) -> None:
+    import dense.precision
+    from dense.training import warn_if_cpu_bf16_is_emulated
+
+    config = tiny_encoder_config(backbones["llama"], cpu_bf16=True)
+    monkeypatch.setattr(dense.precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert warn_if_cpu_bf16_is_emulated(config, "cpu")
+    assert "no native bf16" in caplog.text
+    assert not warn_if_cpu_bf16_is_emulated(tiny_encoder_config(backbones["llama"]), "cpu")
+    monkeypatch.setattr(dense.precision, "cpu_has_native_bf16", lambda: True)
+    assert not warn_if_cpu_bf16_is_emulated(config, "cpu")
