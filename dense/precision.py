@@ -4,6 +4,9 @@ slower on one that emulates bf16 (E10)."""
 
 from __future__ import annotations
 
+# the precisions a scorer or encoder setting may name; "auto" is bfloat16 where cpu_has_native_bf16(), else float32
+PRECISIONS = ("float32", "bfloat16", "auto")
+
 
 def cpu_has_native_bf16() -> bool:
     """True when torch reports AVX512-BF16 or AMX tiles on this CPU."""
@@ -16,4 +19,4 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-__all__ = ["cpu_has_native_bf16"]
+__all__ = ["PRECISIONS", "cpu_has_native_bf16"]

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dense.precision import cpu_has_native_bf16
+from dense.precision import PRECISIONS, cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "auto")
 DEFAULT_INSTRUCTION = "Write the short web search query a person would type to find the given passage."
 
 
@@ -50,8 +49,8 @@ class QueryLikelihoodConfig:
             raise ValueError(f"token limits and batch size must be >= 1: {self}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1 or None, got {self.num_layers}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {PRECISIONS}, got {self.dtype!r}")
 
 
 class QueryLikelihoodScorer:
@@ -236,5 +235,5 @@ def _keep_first_layers(model, n: int) -> None:
     model.config.num_hidden_layers = n
 
 
-__all__ = ["DEFAULT_INSTRUCTION", "DTYPES", "QueryLikelihoodConfig", "QueryLikelihoodScorer", "cpu_has_native_bf16",
+__all__ = ["DEFAULT_INSTRUCTION", "QueryLikelihoodConfig", "QueryLikelihoodScorer", "cpu_has_native_bf16",
            "resolve_dtype"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dense.precision import PRECISIONS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid."""
@@ -176,8 +178,8 @@ class RerankConfig:
             raise ConfigError(f"rerank.combine must be 'replace' or 'interpolate', got {self.combine!r}")
         if self.default and not self.enabled:
             raise ConfigError("rerank.default = true needs rerank.enabled = true")
-        if self.dtype not in ("float32", "bfloat16", "auto"):
-            raise ConfigError(f"rerank.dtype must be 'float32', 'bfloat16' or 'auto', got {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise ConfigError(f"rerank.dtype must be one of {PRECISIONS}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", type=Path, required=True, help="TREC run whose top candidates are scored")
     p.add_argument("--queries", type=Path, required=True)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=None, help="candidates per scorer call (default: the scorer's)")
     p.add_argument("--max-queries", type=int, default=40)
     p.add_argument("--variants", default="base", help="comma-separated; the first is the reference for agreement")
     p.add_argument("--artifacts", type=Path, default=None)

@@ -27,6 +27,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dense.precision import PRECISIONS
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="ql: causal LM directory (default: the full SmolLM2; e.g. one from train_ql_reranker.py); "
                         "cross_encoder: the trained model directory (required)")
     p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+    p.add_argument("--dtype", choices=PRECISIONS, default="float32",
                    help="QL scorer precision (auto: bfloat16 on a CPU with native bf16 instructions)")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)

@@ -239,7 +239,6 @@ def test_msmarco_train_records_keep_queries_with_a_positive_in_the_corpus() -> N
                        TrainingRecord("3", "three", ("b",), (), "msmarco-train")]
 
 
-
 def test_cpu_bf16_on_a_cpu_without_native_bf16_warns(backbones: dict[str, Path], monkeypatch, caplog) -> None:
     import dense.precision
     from dense.training import warn_if_cpu_bf16_is_emulated
