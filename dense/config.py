@@ -160,6 +160,13 @@ class TrainConfig(_DictConfig):
     frozen, it gets none of them. It changes the trained model, so it is compared on resume like ``lr``."""
     num_workers: int = 0
     """DataLoader workers that tokenize batches in the background."""
+    distill_batch_size: int = 0
+    """Teacher groups per step (``dense.teacher_data``), besides the ``batch_size`` contrastive queries: each adds a
+    KL term between the teacher's distribution over its passages and the encoder's (0: no distillation)."""
+    distill_passages: int = 8
+    """Passages per teacher group per step, sampled from the group (every group must have at least this many)."""
+    distill_weight: float = 1.0
+    """Weight of the distillation term against the contrastive loss."""
 
     def __post_init__(self) -> None:
         positive = ("lr", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "log_every")
@@ -174,6 +181,11 @@ class TrainConfig(_DictConfig):
             raise ConfigError(f"TrainConfig.warmup_ratio={self.warmup_ratio}; must be in [0, 1)")
         if self.hard_negatives < 0 or self.num_workers < 0 or self.weight_decay < 0:
             raise ConfigError("TrainConfig.hard_negatives, num_workers and weight_decay must be >= 0")
+        if self.distill_batch_size < 0 or self.distill_weight < 0:
+            raise ConfigError("TrainConfig.distill_batch_size and distill_weight must be >= 0")
+        if self.distill_passages < 2:
+            raise ConfigError(f"TrainConfig.distill_passages={self.distill_passages}; must be >= 2 (a group compares "
+                              "passages)")
 
 
 # Fields that may change between a checkpoint and its resumption without changing what is computed
@@ -181,4 +193,4 @@ class TrainConfig(_DictConfig):
 OPERATIONAL_TRAIN_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "num_workers"})
 # Fields added after models and checkpoints were first written: compared only when not at their default, so that a
 # run from before a field existed (which trained as its default does) still matches and resumes.
-LATER_TRAIN_FIELDS = frozenset({"freeze_embeddings"})
+LATER_TRAIN_FIELDS = frozenset({"freeze_embeddings", "distill_batch_size", "distill_passages", "distill_weight"})

@@ -120,6 +120,18 @@ class DenseEncoder(nn.Module, abc.ABC):
             logits = logits.masked_fill(exclude, torch.finfo(logits.dtype).min)
         return F.cross_entropy(logits, target)
 
+    def distillation_loss(self, scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || encoder) over each query's own group, summed over the groups (the caller divides).
+
+        ``scores`` ``(n, g)``: the encoder's similarity of each query with its group's ``g`` passages; ``teacher``
+        ``(n, g)``: the teacher's log-likelihoods of the same passages, softmaxed as they are (no temperature: the
+        posterior of each passage under a uniform prior). The encoder's side uses the InfoNCE temperature, so both
+        losses see the same distribution of the encoder.
+        """
+        log_student = F.log_softmax(scores.float() / self.temperature, dim=-1)
+        log_teacher = F.log_softmax(teacher.float(), dim=-1)
+        return F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+
     def _finish(self, reps: torch.Tensor) -> torch.Tensor:
         reps = reps.to(torch.float32)
         return F.normalize(reps, dim=-1) if self.config.normalize else reps

@@ -6,9 +6,9 @@ Each variant (an :class:`EncoderConfig` + :class:`TrainConfig` pair: the recipe,
 :func:`encode_batch`, :func:`contrastive_backward`, :func:`apply_update`), timing each phase by the wall clock:
 
 - ``tokenise``: building the batch (sampling, passage lookup, tokenisation: the part pre-tokenised data would save);
-- ``forward``: encoding the queries and passages with a graph;
-- ``loss+backward``: the InfoNCE loss and the backward pass (with GradCache, forward and backward together: its
-  no-grad pass, the loss and the replayed chunks do not separate into the two phases);
+- ``forward``: encoding the queries and passages with a graph (and the teacher groups' when the variant distils);
+- ``loss+backward``: the InfoNCE loss (plus the distillation term) and the backward pass (with GradCache, forward
+  and backward together: its no-grad pass, the loss and the replayed chunks do not separate into the two phases);
 - ``optimizer``: gradient clipping, the AdamW step (most of it on the embedding table unless frozen), zeroing.
 
 On a CPU autograd runs synchronously, so the clock measures each phase's own work; on CUDA the device is
@@ -35,6 +35,7 @@ from dense.training import (
     check_passages_exist,
     contrastive_backward,
     encode_batch,
+    encode_distill,
     grad_cache_loss,
     make_optimizer,
     seed_everything,
@@ -187,12 +188,13 @@ def _timed_step(encoder: Any, optimizer: torch.optim.Optimizer, dataset: Trainin
     batch = dataset[step]
     tokenise = clock.lap()
     if config.grad_cache_chunk:
-        grad_cache_loss(encoder, batch, config.bf16)
+        grad_cache_loss(encoder, batch, config.bf16, config=config)
         forward, backward = None, clock.lap()
     else:
         q, p = encode_batch(encoder, batch, config.bf16)
+        distill = (*encode_distill(encoder, batch, config.bf16), batch["teacher"]) if "teacher" in batch else None
         forward = clock.lap()
-        contrastive_backward(encoder, q, p, batch["exclude"])
+        contrastive_backward(encoder, q, p, batch["exclude"], distill=distill, config=config)
         backward = clock.lap()
     apply_update(encoder, optimizer, config)
     return tokenise, forward, backward, clock.lap()
@@ -205,9 +207,11 @@ def measure_step_cost(
     steps: int = 5,
     warmup: int = 1,
     device: str | torch.device | None = None,
+    teacher_groups: Sequence[Any] = (),
 ) -> StepCost:
     """Build ``variant``'s encoder and optimizer, run ``warmup`` untimed then ``steps`` timed training steps (batches
-    ``warmup..warmup+steps-1`` of the seeded order, so every variant sees the same queries); mean phase times."""
+    ``warmup..warmup+steps-1`` of the seeded order, so every variant sees the same queries); mean phase times.
+    ``teacher_groups`` serve a variant that distils (their passages must be in ``passages``)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps}, warmup={warmup}: need steps >= 1 and warmup >= 0")
     seed_everything(variant.train.seed)
@@ -216,7 +220,8 @@ def measure_step_cost(
         encoder.enable_gradient_checkpointing()
     encoder.train()
     optimizer = make_optimizer(encoder, variant.train)
-    dataset = TrainingBatches(records, passages.__getitem__, encoder, variant.train)
+    dataset = TrainingBatches(records, passages.__getitem__, encoder, variant.train,
+                              teacher_groups=teacher_groups if variant.train.distill_batch_size else ())
     timed = [_timed_step(encoder, optimizer, dataset, step, variant.train) for step in range(warmup + steps)][warmup:]
     tokenise, forward, backward, update = zip(*timed, strict=True)
     cost = StepCost(
@@ -241,10 +246,11 @@ def measure_step_costs(
     steps: int = 5,
     warmup: int = 1,
     device: str | torch.device | None = None,
+    teacher_groups: Sequence[Any] = (),
 ) -> list[StepCost]:
     """:func:`measure_step_cost` for every variant, in order (one row each); the passages are checked once."""
     check_passages_exist(records, passages)
-    return [measure_step_cost(v, records, passages, steps, warmup, device)
+    return [measure_step_cost(v, records, passages, steps, warmup, device, teacher_groups)
             for v in tqdm(variants, desc="step cost", unit="variant")]
 
 

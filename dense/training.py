@@ -55,6 +55,7 @@ from dense.distributed import (
 )
 from dense.encoder import build_encoder, load_encoder
 from dense.encoder_base import MANIFEST_FILE, DenseEncoder
+from dense.teacher_data import TeacherGroup, check_group_passages, read_teacher_groups  # noqa: F401 (re-export)
 from dense.training_data import TrainingRecord, source_counts
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,15 @@ def records_fingerprint(records: Sequence[TrainingRecord]) -> str:
     return digest.hexdigest()
 
 
+def teacher_fingerprint(groups: Sequence[TeacherGroup]) -> str:
+    """sha256 over the teacher groups' content and order (part of a distilling run's identity)."""
+    digest = hashlib.sha256()
+    for g in groups:
+        digest.update(json.dumps(g.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def check_passages_exist(records: Sequence[TrainingRecord], passages: Mapping[str, str]) -> None:
     """Fail before training when records name passages the collection lacks."""
     missing = [(r.qid, pid) for r in records for pid in (*r.positives, *r.negatives) if pid not in passages]
@@ -123,6 +133,7 @@ class TrainingBatches(Dataset):
         config: TrainConfig,
         rank: int = 0,
         world_size: int = 1,
+        teacher_groups: Sequence[TeacherGroup] = (),
     ) -> None:
         if config.batch_size % world_size:
             raise ValueError(
@@ -142,6 +153,11 @@ class TrainingBatches(Dataset):
         self.random_pool = sorted({pid for r in records for pid in (*r.positives, *r.negatives)})
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
+        self.teacher_groups = teacher_groups
+        self.distill_steps_per_epoch = 0
+        if config.distill_batch_size:
+            check_distill_groups(teacher_groups, config, world_size)
+            self.distill_steps_per_epoch = len(teacher_groups) // config.distill_batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
@@ -191,11 +207,62 @@ class TrainingBatches(Dataset):
         pids = pids[self.rank * share * per_query : (self.rank + 1) * share * per_query]
         chunk = self.config.grad_cache_chunk or max(len(queries), len(pids))
         texts = [self.passage_text(pid) for pid in pids]
-        return {
-            "queries": [self.tokenize_queries(queries[s : s + chunk]) for s in range(0, len(queries), chunk)],
-            "passages": [self.tokenize_passages(texts[s : s + chunk]) for s in range(0, len(texts), chunk)],
+        batch = {
+            "queries": self._chunks(self.tokenize_queries, queries, chunk),
+            "passages": self._chunks(self.tokenize_passages, texts, chunk),
             "exclude": exclude,
         }
+        if self.config.distill_batch_size:
+            batch.update(self._distill_part(step))
+        return batch
+
+    @staticmethod
+    def _chunks(tokenize: Callable[[list[str]], Any], texts: list[str], chunk: int) -> list[Any]:
+        return [tokenize(texts[s : s + chunk]) for s in range(0, len(texts), chunk)]
+
+    def _distill_part(self, step: int) -> dict[str, Any]:
+        """This rank's share of the step's teacher groups: queries, ``distill_passages`` passages sampled from each
+        group, and the teacher's log-likelihoods of those passages ``(groups, passages)``. The groups have their own
+        epochs (a seeded permutation each), so the two data sources can differ in size."""
+        size, g = self.config.distill_batch_size, self.config.distill_passages
+        epoch, index = divmod(step, self.distill_steps_per_epoch)
+        order = np.random.default_rng([self.config.seed, _DISTILL_STREAM, epoch]).permutation(len(self.teacher_groups))
+        chosen = order[index * size : (index + 1) * size]
+        share = size // self.world_size
+        chosen = chosen[self.rank * share : (self.rank + 1) * share]
+        queries, texts, teacher = [], [], []
+        for gi in chosen:
+            group = self.teacher_groups[int(gi)]
+            rng = np.random.default_rng([self.config.seed, _DISTILL_STREAM, epoch, int(gi)])
+            picked = np.sort(rng.choice(len(group.pids), size=g, replace=False))
+            lls = group.log_likelihoods()
+            queries.append(group.query)
+            texts.extend(self.passage_text(group.pids[j]) for j in picked)
+            teacher.append([lls[j] for j in picked])
+        chunk = self.config.grad_cache_chunk or max(len(queries), len(texts))
+        return {
+            "distill_queries": self._chunks(self.tokenize_queries, queries, chunk),
+            "distill_passages": self._chunks(self.tokenize_passages, texts, chunk),
+            "teacher": torch.tensor(teacher, dtype=torch.float32),
+        }
+
+
+# a constant mixed into the seeds of the teacher-group stream, so it never repeats the contrastive stream's draws
+_DISTILL_STREAM = 7_919
+
+
+def check_distill_groups(groups: Sequence[TeacherGroup], config: TrainConfig, world_size: int = 1) -> None:
+    """Fail before training when distillation is asked for and the teacher groups cannot serve it."""
+    if config.distill_batch_size % world_size:
+        raise ValueError(f"distill_batch_size {config.distill_batch_size} cannot be split evenly over {world_size} "
+                         "processes; make it a multiple of the number of processes")
+    if len(groups) < config.distill_batch_size:
+        raise ValueError(f"distill_batch_size = {config.distill_batch_size} needs at least that many teacher groups, "
+                         f"got {len(groups)} (set dense.teacher_scores to a teacher file, or distill_batch_size = 0)")
+    small = [g.qid for g in groups if len(g.pids) < config.distill_passages]
+    if small:
+        raise ValueError(f"{len(small)} teacher groups have fewer than distill_passages = {config.distill_passages} "
+                         f"passages (e.g. qid {small[0]}); lower distill_passages or score deeper")
 
 
 def _identity(item: Any) -> Any:
@@ -243,29 +310,75 @@ def encode_batch(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) ->
     return q, p
 
 
+def encode_distill(encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the batch's teacher-group queries and passages (with the graph)."""
+    with encoder.autocast(bf16):
+        q = torch.cat([encoder.encode_query(encoder.to_device(c)) for c in batch["distill_queries"]])
+        p = torch.cat([encoder.encode_passage(encoder.to_device(c)) for c in batch["distill_passages"]])
+    return q, p
+
+
+def group_scores(encoder: DenseEncoder, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``(n, g)``: each of ``n`` queries against its own ``g`` passages (passages laid out group after group)."""
+    n = q.shape[0]
+    g = p.shape[0] // n
+    full = encoder.similarity(q, p).view(n, n, g)
+    idx = torch.arange(n, device=q.device)
+    return full[idx, idx]
+
+
+def step_loss(
+    encoder: DenseEncoder,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    exclude: torch.Tensor,
+    context: DistContext = SINGLE,
+    distill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: TrainConfig | None = None,
+) -> torch.Tensor:
+    """InfoNCE over the gathered global batch, plus (with ``distill = (queries, passages, teacher)`` of this rank's
+    teacher groups) ``distill_weight`` x the mean KL over the step's groups.
+
+    Each rank adds only its own groups' KL, divided by the global number of groups: the gradients summed over ranks
+    are then those of the global mean (the InfoNCE term is the global loss on every rank, as before).
+    """
+    qg, pg = gather_with_grad(q, context), gather_with_grad(p, context)
+    loss = encoder.loss(encoder.similarity(qg, pg), exclude=exclude.to(q.device))
+    if distill is not None:
+        if config is None:
+            raise ValueError("step_loss with distill needs the TrainConfig")
+        dq, dp, teacher = distill
+        kl = encoder.distillation_loss(group_scores(encoder, dq, dp), teacher.to(dq.device))
+        loss = loss + config.distill_weight * kl / config.distill_batch_size
+    return loss
+
+
 def contrastive_backward(
-    encoder: DenseEncoder, q: torch.Tensor, p: torch.Tensor, exclude: torch.Tensor, context: DistContext = SINGLE
+    encoder: DenseEncoder, q: torch.Tensor, p: torch.Tensor, exclude: torch.Tensor, context: DistContext = SINGLE,
+    distill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, config: TrainConfig | None = None,
 ) -> float:
-    """The loss over the gathered global batch and its backward pass; returns the loss."""
-    q, p = gather_with_grad(q, context), gather_with_grad(p, context)
-    loss = encoder.loss(encoder.similarity(q, p), exclude=exclude.to(q.device))
+    """The step's loss (:func:`step_loss`) and its backward pass; returns the loss."""
+    loss = step_loss(encoder, q, p, exclude, context, distill, config)
     loss.backward()
     return float(loss.detach())
 
 
 def full_batch_loss(
-    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE
+    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE,
+    config: TrainConfig | None = None,
 ) -> float:
     """One forward over the (local) batch, the loss over the gathered global batch, backward; returns the loss.
 
     Under ``context`` the gradients are this rank's part of the global batch's; :func:`train` sums them over ranks.
     """
     q, p = encode_batch(encoder, batch, bf16)
-    return contrastive_backward(encoder, q, p, batch["exclude"], context)
+    distill = (*encode_distill(encoder, batch, bf16), batch["teacher"]) if "teacher" in batch else None
+    return contrastive_backward(encoder, q, p, batch["exclude"], context, distill, config)
 
 
 def grad_cache_loss(
-    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE
+    encoder: DenseEncoder, batch: Mapping[str, Any], bf16: bool, context: DistContext = SINGLE,
+    config: TrainConfig | None = None,
 ) -> float:
     """GradCache: the full-batch loss and gradients, computed one chunk of texts at a time.
 
@@ -274,6 +387,9 @@ def grad_cache_loss(
     """
     device = encoder.device
     encoders = [(encoder.encode_query, batch["queries"]), (encoder.encode_passage, batch["passages"])]
+    if "teacher" in batch:
+        encoders += [(encoder.encode_query, batch["distill_queries"]),
+                     (encoder.encode_passage, batch["distill_passages"])]
     reps: list[torch.Tensor] = []
     snapshots: list[list[_RngSnapshot]] = []
     with torch.no_grad():
@@ -285,8 +401,8 @@ def grad_cache_loss(
                     parts.append(encode(encoder.to_device(chunk)))
             snapshots.append(snaps)
             reps.append(torch.cat(parts).detach().requires_grad_())
-    q, p = (gather_with_grad(r, context) for r in reps)
-    loss = encoder.loss(encoder.similarity(q, p), exclude=batch["exclude"].to(device))
+    distill = (reps[2], reps[3], batch["teacher"]) if "teacher" in batch else None
+    loss = step_loss(encoder, reps[0], reps[1], batch["exclude"], context, distill, config)
     loss.backward()
     for (encode, chunks), snaps, rep in zip(encoders, snapshots, reps, strict=True):
         offset = 0
@@ -376,8 +492,8 @@ def _comparable(train_config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_same_run(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Path) -> None:
-    for key in ("encoder_config", "train_config", "records_sha256"):
-        if saved.get(key) != expected[key]:
+    for key in ("encoder_config", "train_config", "records_sha256", "teacher_sha256"):
+        if saved.get(key) != expected.get(key):
             raise TrainingStateError(
                 f"{where} was written by a different run ({key} differs: saved {saved.get(key)!r}, "
                 f"now {expected[key]!r}); use a fresh output directory, or delete {where.parent} to start over"
@@ -503,6 +619,7 @@ def train(
     resume: bool = False,
     data_files: Sequence[str | Path] = (),
     device: str | torch.device | None = None,
+    teacher_groups: Sequence[TeacherGroup] = (),
 ) -> Path:
     """Train and save the encoder to ``out_dir/model`` (with a manifest); return that directory.
 
@@ -511,7 +628,8 @@ def train(
     ``validation.jsonl`` and the manifest; the model saved is always the last step's (no checkpoint is selected on
     it). Give it held-out train queries, never an evaluation split. Checkpoints go to
     ``out_dir/checkpoints/step-N``; with ``resume`` the latest one is continued exactly, without it an existing
-    checkpoint is an error. ``data_files`` are recorded (path, sha256) in the manifest.
+    checkpoint is an error. ``data_files`` are recorded (path, sha256) in the manifest. ``teacher_groups``
+    (``dense.teacher_data``) are the distillation data that ``train_config.distill_batch_size`` > 0 draws from.
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), every process calls this with the same arguments and trains its
     share of each global batch (see the module docstring); ``device`` ``None`` or ``"cuda"`` is the rank's own GPU.
@@ -527,6 +645,9 @@ def train(
         "train_config": _comparable(train_config),
         "records_sha256": records_fingerprint(records),
     }
+    if train_config.distill_batch_size:
+        check_distill_groups(teacher_groups, train_config, context.world_size)
+        identity["teacher_sha256"] = teacher_fingerprint(teacher_groups)
     manifest_path = model_dir / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -537,6 +658,8 @@ def train(
     latest = _latest_checkpoint(ckpt_root, resume, context)
     if isinstance(passage_text, Mapping):
         check_passages_exist(records, passage_text)
+        if train_config.distill_batch_size:
+            check_group_passages(teacher_groups, passage_text)
     lookup = _passage_lookup(passage_text)
     device = context.resolve_device(device)
     warn_if_cpu_bf16_is_emulated(encoder_config, device)
@@ -568,7 +691,8 @@ def train(
         loss_curve = list(state.get("loss_curve", []))
         window_loss, window_steps = state.get("loss_window", (0.0, 0))
 
-    dataset = TrainingBatches(records, lookup, encoder, train_config, context.rank, context.world_size)
+    dataset = TrainingBatches(records, lookup, encoder, train_config, context.rank, context.world_size,
+                              teacher_groups if train_config.distill_batch_size else ())
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -589,6 +713,9 @@ def train(
         device, trainable_parameters(encoder) / 1e6, encoder.num_parameters() / 1e6,
         " (input embeddings frozen)" if train_config.freeze_embeddings else "",
     )
+    if train_config.distill_batch_size:
+        logger.info("distillation: %d teacher groups, %d per step x %d passages, weight %g", len(teacher_groups),
+                    train_config.distill_batch_size, train_config.distill_passages, train_config.distill_weight)
 
     validation_log = out_dir / VALIDATION_LOG
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -596,7 +723,7 @@ def train(
     run_start, last_loss, step = time.perf_counter(), float("nan"), start_step
     progress = tqdm(total=total, initial=start_step, desc="train dense", unit="step", disable=not context.is_main)
     for step, batch in zip(range(start_step + 1, total + 1), loader, strict=True):
-        last_loss = step_fn(encoder, batch, train_config.bf16, context)
+        last_loss = step_fn(encoder, batch, train_config.bf16, context, train_config)
         apply_update(encoder, optimizer, train_config, context)
         scheduler.step()
 
@@ -639,6 +766,7 @@ def train(
                 "records": len(records),
                 "sources": source_counts(records),
                 "files": [{"path": str(f), "sha256": sha256_file(Path(f))} for f in data_files],
+                "teacher_groups": len(teacher_groups) if train_config.distill_batch_size else 0,
             },
             "steps": total,
             "steps_per_epoch": dataset.steps_per_epoch,

@@ -100,6 +100,12 @@ class DenseConfig:
     index_kind: str = "flat"  # flat | hnsw | ivfpq
     index_params: dict[str, Any] = field(default_factory=dict)
     refine: SelfMinedRoundConfig = SelfMinedRoundConfig()
+    # distillation data for train.distill_batch_size > 0: a teacher-score file from scripts/score_teacher.py
+    # (relative to the repository unless absolute), its sha256 (checked when set) and how many of its groups to use
+    # (the first N; 0 = all)
+    teacher_scores: str = ""
+    teacher_scores_sha256: str = ""
+    teacher_groups: int = 0
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class Pipeline:
         # without a second round the field stays out, so models trained before it existed stay up to date
         if not self.config.dense.refine.steps:
             del section["refine"]
+        if not self.config.dense.teacher_scores:  # the same for distillation's fields
+            for key in ("teacher_scores", "teacher_scores_sha256", "teacher_groups"):
+                del section[key]
         return section
 
     def _rerank_section(self) -> dict[str, Any]:
@@ -387,6 +390,25 @@ class Pipeline:
                                  n_negatives=c.hard_negatives, known_positives=known)
         return records, known, {"real_queries": len(real), "synthetic_queries": len(synthetic)}
 
+    def _teacher_groups(self, train_config) -> list:
+        """The distillation groups of ``dense.teacher_scores``, checked (checksum, no held-out or evaluation query);
+        empty when the config does not distil."""
+        from dense.querygen.prompt import ForbiddenQueries
+        from hybrid.config import ConfigError
+        from hybrid.synthetic_data import resolve_precomputed
+        from hybrid.teacher_scores import load_teacher_groups
+
+        c = self.config.dense
+        if not train_config.distill_batch_size:
+            return []
+        if not c.teacher_scores:
+            raise ConfigError("dense.train.distill_batch_size > 0 needs dense.teacher_scores (a file from "
+                              "scripts/score_teacher.py)")
+        _, _, _, heldout = self.real_train_split()
+        forbidden = ForbiddenQueries.from_data_dir(self.data_dir().root, self.config.data.train_split)
+        return load_teacher_groups(resolve_precomputed(c.teacher_scores), c.teacher_scores_sha256, forbidden,
+                                   heldout, c.teacher_groups, min_passages=train_config.distill_passages)
+
     def _mine(self, records: list, search, **options: Any) -> list:
         """``mine_hard_negatives``; under torchrun each rank mines every ``world_size``-th record and all ranks get
         the whole list back, in order."""
@@ -412,6 +434,9 @@ class Pipeline:
         encoder_config = EncoderConfig.from_dict({"model_name_or_path": self._base_model(), **c.encoder})
         train_config = TrainConfig.from_dict({"seed": self.config.seed, **c.train})
         records, known, counts = self._training_records()
+        teacher = self._teacher_groups(train_config)
+        if teacher:
+            counts["teacher_groups"] = len(teacher)
         out = stage_dir(self.root, "dense_train")
         refine = c.refine
 
@@ -433,13 +458,14 @@ class Pipeline:
         resume = run_on_main(self.context, prepare)  # rank 0 decides; every rank then trains its share
         if refine.steps:
             first = train(encoder_config, train_config, records, self.passages().get, out / FIRST_ROUND_DIR,
-                          resume=resume)
+                          resume=resume, teacher_groups=teacher)
             counts["first_round_steps"] = total_steps(len(records), train_config)
             counts["second_round_steps"] = refine.steps
             records = self._self_mined_records(first, records, known)
             encoder_config = dataclasses.replace(encoder_config, model_name_or_path=str(first))
             train_config = dataclasses.replace(train_config, max_steps=refine.steps, seed=train_config.seed + 1)
-        model_dir = train(encoder_config, train_config, records, self.passages().get, out, resume=resume)
+        model_dir = train(encoder_config, train_config, records, self.passages().get, out, resume=resume,
+                          teacher_groups=teacher)
         from dense.corpus_encoding import directory_fingerprint
 
         return {"model_fingerprint": directory_fingerprint(model_dir), "records": len(records), **counts}

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="canonical MS MARCO directory (default: the config's data.dir or $MSMARCO_DIR)")
     p.add_argument("--queries", type=Path, default=None,
                    help="training records JSONL (e.g. the synthetic stage's train.jsonl); default: passage crops")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="teacher-score file (scripts/score_teacher.py) for variants that distil (distill_batch_size)")
     p.add_argument("--records", type=int, default=0, help="records to sample (default: enough for every step)")
     p.add_argument("--base-model-dir", type=Path, default=None,
                    help="HF directory of the pretrained LM (default: the pipeline's converted base model)")
@@ -100,7 +102,17 @@ def main(argv: list[str] | None = None) -> None:
         ))
     n_records = args.records or records_needed(variants, args.steps, args.warmup)
     records, passages = benchmark_records(collection, n_records, config.seed, args.queries)
-    costs = measure_step_costs(variants, records, passages, args.steps, args.warmup, args.device)
+    teacher = []
+    if any(v.train.distill_batch_size for v in variants):
+        if args.teacher is None:
+            raise ValueError("a variant distils (distill_batch_size > 0): pass --teacher FILE")
+        from dense.teacher_data import read_teacher_groups
+        from dense.training_data import read_passages
+
+        fewest = max(v.train.distill_passages for v in variants)
+        teacher = [g for g in read_teacher_groups(args.teacher) if len(g.pids) >= fewest]
+        passages = {**passages, **read_passages(collection, {p for g in teacher for p in g.pids})}
+    costs = measure_step_costs(variants, records, passages, args.steps, args.warmup, args.device, teacher)
     print(f"{len(records)} records ({'from ' + str(args.queries) if args.queries else 'passage crops'}), "
           f"{args.steps} timed steps after {args.warmup} warm-up, base model {model}\n")
     print(markdown_table([c.row() for c in costs], COLUMNS))

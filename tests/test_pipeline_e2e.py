@@ -221,3 +221,48 @@ def test_without_a_second_round_its_settings_leave_the_dense_fingerprint_alone(b
     assert off == pipeline.inputs_fingerprint("dense_train")
     assert fingerprint(SelfMinedRoundConfig(depth=99)) == off  # steps = 0: no second round, nothing changes
     assert fingerprint(SelfMinedRoundConfig(steps=5)) != off
+
+
+def test_dense_training_distils_from_teacher_scores_made_from_the_artifacts(built, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    from hybrid.config import ConfigError
+    from hybrid.teacher_scores import manifest_path, score_teacher_file
+
+    pipeline, done, slice_dir = built
+    root = tmp_path / "artifacts"
+    shutil.copytree(pipeline.root, root)
+    heldout = pipeline.real_train_split()[3]
+    teacher = tmp_path / "teacher.jsonl"
+    # the rerank stage's scorer (the tiny LM here) over the slice's BM25 top 4 of 12 train queries
+    assert score_teacher_file(root, slice_dir, heldout, teacher, 12, depth=4, progress=False) == 12
+    groups = [json.loads(line) for line in teacher.read_text().splitlines()]
+    assert not {g["qid"] for g in groups} & set(heldout) and all(len(g["pids"]) == 4 for g in groups)
+    assert json.loads(manifest_path(teacher).read_text())["identity"]["excluded_heldout"] == len(heldout)
+
+    def config_with(**dense_changes):
+        train = {**pipeline.config.dense.train, "distill_batch_size": 4, "distill_passages": 3}
+        dense = dataclasses.replace(pipeline.config.dense, train=train, **dense_changes)
+        return dataclasses.replace(pipeline.config, dense=dense)
+
+    with pytest.raises(ConfigError, match="teacher_scores"):
+        Pipeline(config_with(), root).run(["dense_train"])
+    record = Pipeline(config_with(teacher_scores=str(teacher), teacher_groups=8), root).run(["dense_train"])
+    assert record["dense_train"]["teacher_groups"] == 8
+    manifest = json.loads((root / "dense_model" / "model" / "manifest.json").read_text())
+    assert manifest["data"]["teacher_groups"] == 8 and manifest["train_config"]["distill_batch_size"] == 4
+    assert record["dense_train"]["model_fingerprint"] != done["dense_train"]["model_fingerprint"]
+    # a teacher file that does not match its configured checksum is refused
+    with pytest.raises(ValueError, match="sha256"):
+        Pipeline(config_with(teacher_scores=str(teacher), teacher_scores_sha256="0" * 64), root).run(["dense_train"])
+
+
+def test_without_distillation_the_teacher_settings_leave_the_dense_fingerprint_alone(built):
+    import dataclasses
+
+    pipeline, _, _ = built
+    dense = dataclasses.replace(pipeline.config.dense, teacher_groups=5, teacher_scores_sha256="ab")
+    same = Pipeline(dataclasses.replace(pipeline.config, dense=dense), pipeline.root)
+    assert same.inputs_fingerprint("dense_train") == pipeline.inputs_fingerprint("dense_train")
