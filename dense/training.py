@@ -221,24 +221,26 @@ class TrainingBatches(Dataset):
         return [tokenize(texts[s : s + chunk]) for s in range(0, len(texts), chunk)]
 
     def _distill_part(self, step: int) -> dict[str, Any]:
-        """This rank's share of the step's teacher groups: queries, ``distill_passages`` passages sampled from each
-        group, and the teacher's log-likelihoods of those passages ``(groups, passages)``. The groups have their own
-        epochs (a seeded permutation each), so the two data sources can differ in size."""
+        """The step's teacher groups: this rank's share of their queries and of the ``distill_passages`` passages
+        sampled from each group, and the teacher's log-likelihoods of those passages for the whole global step
+        ``(groups, passages)`` (global like ``exclude``: every rank scores the gathered groups). The groups have
+        their own epochs (a seeded permutation each), so the two data sources can differ in size."""
         size, g = self.config.distill_batch_size, self.config.distill_passages
         epoch, index = divmod(step, self.distill_steps_per_epoch)
         order = np.random.default_rng([self.config.seed, _DISTILL_STREAM, epoch]).permutation(len(self.teacher_groups))
         chosen = order[index * size : (index + 1) * size]
         share = size // self.world_size
-        chosen = chosen[self.rank * share : (self.rank + 1) * share]
+        mine = range(self.rank * share, (self.rank + 1) * share)
         queries, texts, teacher = [], [], []
-        for gi in chosen:
+        for i, gi in enumerate(chosen):
             group = self.teacher_groups[int(gi)]
             rng = np.random.default_rng([self.config.seed, _DISTILL_STREAM, epoch, int(gi)])
             picked = np.sort(rng.choice(len(group.pids), size=g, replace=False))
             lls = group.log_likelihoods()
-            queries.append(group.query)
-            texts.extend(self.passage_text(group.pids[j]) for j in picked)
             teacher.append([lls[j] for j in picked])
+            if i in mine:
+                queries.append(group.query)
+                texts.extend(self.passage_text(group.pids[j]) for j in picked)
         chunk = self.config.grad_cache_chunk or max(len(queries), len(texts))
         return {
             "distill_queries": self._chunks(self.tokenize_queries, queries, chunk),
@@ -336,11 +338,10 @@ def step_loss(
     distill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: TrainConfig | None = None,
 ) -> torch.Tensor:
-    """InfoNCE over the gathered global batch, plus (with ``distill = (queries, passages, teacher)`` of this rank's
-    teacher groups) ``distill_weight`` x the mean KL over the step's groups.
-
-    Each rank adds only its own groups' KL, divided by the global number of groups: the gradients summed over ranks
-    are then those of the global mean (the InfoNCE term is the global loss on every rank, as before).
+    """InfoNCE over the gathered global batch, plus (with ``distill = (queries, passages, teacher)``: this rank's
+    teacher-group embeddings and the global teacher matrix) ``distill_weight`` x the mean KL over the step's groups,
+    also gathered: like the InfoNCE term, every rank computes the global loss and back-propagates through its own
+    slice, and :func:`train` sums the gradients over the ranks.
     """
     qg, pg = gather_with_grad(q, context), gather_with_grad(p, context)
     loss = encoder.loss(encoder.similarity(qg, pg), exclude=exclude.to(q.device))
@@ -348,8 +349,9 @@ def step_loss(
         if config is None:
             raise ValueError("step_loss with distill needs the TrainConfig")
         dq, dp, teacher = distill
+        dq, dp = gather_with_grad(dq, context), gather_with_grad(dp, context)
         kl = encoder.distillation_loss(group_scores(encoder, dq, dp), teacher.to(dq.device))
-        loss = loss + config.distill_weight * kl / config.distill_batch_size
+        loss = loss + config.distill_weight * kl / teacher.shape[0]
     return loss
 
 

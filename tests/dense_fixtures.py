@@ -50,6 +50,20 @@ def toy_records_and_passages() -> tuple[list[TrainingRecord], dict[str, str]]:
     return records, passages
 
 
+def toy_teacher_groups(n: int = 6, size: int = 5, shift: int = 0):
+    """Teacher groups over the toy passages: query i's teacher strongly prefers passage p{i + shift} (with shift 0
+    its true match), then the next ones in order."""
+    from dense.teacher_data import TeacherGroup
+
+    records, passages = toy_records_and_passages()
+    groups = []
+    for i in range(n):
+        pids = [f"p{(i + shift + k) % len(passages)}" for k in range(size)]
+        scores = [-1.0 if k == 0 else -3.0 - 0.1 * k for k in range(size)]
+        groups.append(TeacherGroup(f"t{i}", records[i].query, tuple(pids), tuple(scores), 4))
+    return groups
+
+
 def toy_corpus() -> list[str]:
     return [text for pair in toy_pairs() for text in pair] + ["a short text", "another one"]
 

@@ -21,7 +21,10 @@ from dense.distributed import init_distributed, shutdown_distributed
 from dense.encoder import load_encoder
 from dense.encoder_base import DenseEncoder
 from dense.training import list_checkpoints, train
-from dense_fixtures import tiny_encoder_config, toy_records_and_passages
+from dense_fixtures import tiny_encoder_config, toy_records_and_passages, toy_teacher_groups
+
+# the distilling run (tests/test_distributed.py): 4 teacher groups per step, 2 per rank
+DISTILL = {"distill_batch_size": 4, "distill_passages": 3, "distill_weight": 2.0}
 
 
 class SimulatedKill(RuntimeError):
@@ -79,6 +82,8 @@ def main(spec_path: str) -> None:
     if spec["phase"] == "first":
         train(plain, base, records, passages, out / "full", device="cpu")
         train(plain, base.replace(grad_cache_chunk=5), records, passages, out / "gradcache", device="cpu")
+        train(plain, base.replace(**DISTILL), records, passages, out / "distill", device="cpu",
+              teacher_groups=toy_teacher_groups(shift=1))
         train(with_dropout, killable, records, passages, out / "dropout-straight", device="cpu")
         encode_corpus(encoder, corpus, out / "encoded", **encoding)
         share = base.batch_size // 2 * (1 + base.hard_negatives)  # passages this rank looks up per step

@@ -21,21 +21,13 @@ from dense.training import (
     list_checkpoints,
     train,
 )
-from dense_fixtures import make_tiny_bert_dir, tiny_encoder_config, toy_records_and_passages
+from dense_fixtures import make_tiny_bert_dir, tiny_encoder_config, toy_records_and_passages, toy_teacher_groups
 
 RECORDS, PASSAGES = toy_records_and_passages()
-PIDS = sorted(PASSAGES)
 
 
 def _groups(n: int = 6, size: int = 5, shift: int = 0) -> list[TeacherGroup]:
-    """Teacher groups over the toy passages: query i's teacher strongly prefers passage p{i + shift} (with shift 0
-    its true match)."""
-    groups = []
-    for i in range(n):
-        pids = [f"p{(i + shift + k) % len(PIDS)}" for k in range(size)]
-        scores = [-1.0 if k == 0 else -3.0 - 0.1 * k for k in range(size)]
-        groups.append(TeacherGroup(f"t{i}", RECORDS[i].query, tuple(pids), tuple(scores), 4))
-    return groups
+    return toy_teacher_groups(n, size, shift)
 
 
 def _train_config(**changes: object) -> TrainConfig:

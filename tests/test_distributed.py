@@ -26,7 +26,14 @@ from dense.corpus_encoding import EncodedCorpus, encode_corpus
 from dense.distributed import SINGLE, DistContext, env_context, gather_with_grad
 from dense.encoder import build_encoder, load_encoder
 from dense.training import train
-from dense_fixtures import make_tiny_bert_dir, make_tiny_encoder_dir, tiny_encoder_config, toy_records_and_passages
+from dense_fixtures import (
+    make_tiny_bert_dir,
+    make_tiny_encoder_dir,
+    tiny_encoder_config,
+    toy_records_and_passages,
+    toy_teacher_groups,
+)
+from distributed_worker import DISTILL
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -112,12 +119,14 @@ def assert_same_model(a: Path, b: Path, atol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, chunk", [("full", None), ("gradcache", 5)])
+@pytest.mark.parametrize("name, changes", [("full", {}), ("gradcache", {"grad_cache_chunk": 5}), ("distill", DISTILL)])
 def test_two_processes_train_what_one_process_trains(runs: dict[str, Path], tmp_path: Path, name: str,
-                                                      chunk: int | None) -> None:
+                                                      changes: dict) -> None:
     records, passages = toy_records_and_passages()
-    config = TrainConfig.from_dict({**TRAIN_CONFIG, "grad_cache_chunk": chunk})
-    single = train(tiny_encoder_config(runs["backbone"]), config, records, passages, tmp_path / name, device="cpu")
+    config = TrainConfig.from_dict({**TRAIN_CONFIG, **changes})
+    teacher = toy_teacher_groups(shift=1) if config.distill_batch_size else ()
+    single = train(tiny_encoder_config(runs["backbone"]), config, records, passages, tmp_path / name, device="cpu",
+                   teacher_groups=teacher)
     distributed = runs["out"] / name / "model"
     assert manifest(distributed)["world_size"] == 2 and manifest(single)["world_size"] == 1
     assert_same_model(single, distributed, atol=1e-5)
@@ -141,8 +150,9 @@ def test_a_killed_two_process_run_resumes_exactly(runs: dict[str, Path]) -> None
 def test_checkpoints_and_models_are_written_by_rank_zero_only(runs: dict[str, Path]) -> None:
     writes = {(phase, rank): json.loads((runs["out"] / f"writes.{phase}.rank{rank}.json").read_text())
               for phase in ("first", "resume") for rank in (0, 1)}
-    # first launch: 3 finished models; the two dropout runs checkpoint at step 3 (the killed one dies before 6)
-    assert writes["first", 0] == {"checkpoints": 2, "models": 3, "other": 2}
+    # first launch: 4 finished models (full, gradcache, distill, dropout-straight); the two dropout runs checkpoint
+    # at step 3 (the killed one dies before 6)
+    assert writes["first", 0] == {"checkpoints": 2, "models": 4, "other": 2}
     assert writes["resume", 0] == {"checkpoints": 0, "models": 1, "other": 0}  # resumed after the last checkpoint
     assert writes["first", 1] == writes["resume", 1] == {"checkpoints": 0, "models": 0, "other": 0}
 
