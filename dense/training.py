@@ -9,6 +9,10 @@ and its gradient with respect to the embeddings are computed over the whole batc
 again with a graph and back-propagated with its slice of those gradients. Loss and gradients equal those of one
 full-batch forward (dropout masks are replayed by restoring the RNG state per chunk), at the memory of one chunk.
 
+With ``distill_batch_size`` > 0 each step also takes that many teacher groups (``dense.teacher_data``: a query, passages
+and a teacher's scores of them) from their own seeded stream and adds a KL term between the teacher's distribution
+over each group and the encoder's (:meth:`DenseEncoder.distillation_loss`, EXPERIMENTS.md E30).
+
 Under ``torchrun`` (``dense.distributed``) the global batch of ``batch_size`` queries is split evenly over the ranks;
 query and passage embeddings are all-gathered, so every rank computes the loss of the whole global batch (every
 passage of every rank is a negative for every query) but back-propagates only through its own slice, and the
@@ -55,7 +59,7 @@ from dense.distributed import (
 )
 from dense.encoder import build_encoder, load_encoder
 from dense.encoder_base import MANIFEST_FILE, DenseEncoder
-from dense.teacher_data import TeacherGroup, check_group_passages, read_teacher_groups  # noqa: F401 (re-export)
+from dense.teacher_data import TeacherGroup, check_group_passages
 from dense.training_data import TrainingRecord, source_counts
 
 logger = logging.getLogger(__name__)
@@ -498,7 +502,7 @@ def _check_same_run(saved: Mapping[str, Any], expected: Mapping[str, Any], where
         if saved.get(key) != expected.get(key):
             raise TrainingStateError(
                 f"{where} was written by a different run ({key} differs: saved {saved.get(key)!r}, "
-                f"now {expected[key]!r}); use a fresh output directory, or delete {where.parent} to start over"
+                f"now {expected.get(key)!r}); use a fresh output directory, or delete {where.parent} to start over"
             )
 
 

@@ -8,9 +8,10 @@ evaluation draws from. None of the 50k train queries needs its judged passage in
 whatever the pool has. The selection holdout (the config's held-out train queries) is never scored, nor any train
 query whose text equals an evaluation query after case and punctuation are stripped.
 
-The output grows by appending one fsynced line per query, in a fixed seeded order, so a killed run resumes where it
-stopped and a file with N groups is always the first N queries of that order; the manifest beside it is rewritten
-atomically after every chunk and records the scorer, depth, seed, exclusions and counts.
+The output grows by appending one line per query, fsynced a chunk of queries at a time, in a fixed seeded order, so a
+killed run loses at most one chunk and resumes after it, and a file with N groups is always the first N queries of
+that order; the manifest beside it is rewritten atomically after every chunk and records the scorer, depth, seed,
+exclusions and counts.
 """
 
 from __future__ import annotations
