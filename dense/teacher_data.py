@@ -12,11 +12,12 @@ collection at training time, as for :class:`dense.training_data.TrainingRecord`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from dense.training_data import iter_jsonl
 
 
 class TeacherFormatError(ValueError):
@@ -83,17 +84,10 @@ def read_teacher_groups(path: str | Path, limit: int | None = None) -> list[Teac
     if not path.is_file():
         raise FileNotFoundError(f"teacher-score file {path} not found; make it with scripts/score_teacher.py")
     groups: list[TeacherGroup] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(groups) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise TeacherFormatError(f"{path}:{line_no}: not JSON ({e})") from None
-            groups.append(TeacherGroup.from_json(obj, f"{path}:{line_no}"))
+    for where, obj in iter_jsonl(path, TeacherFormatError):
+        if limit is not None and len(groups) >= limit:
+            break
+        groups.append(TeacherGroup.from_json(obj, where))
     if not groups:
         raise TeacherFormatError(f"{path} holds no teacher groups")
     return groups

@@ -90,20 +90,11 @@ def _passage_lookup(passage_text: PassageText) -> Callable[[str], str]:
     return passage_text
 
 
-def records_fingerprint(records: Sequence[TrainingRecord]) -> str:
-    """sha256 over the records' content and order: a resumed run must see the same data."""
+def records_fingerprint(records: Sequence[TrainingRecord] | Sequence[TeacherGroup]) -> str:
+    """sha256 over the records' (or teacher groups') content and order: a resumed run must see the same data."""
     digest = hashlib.sha256()
     for r in records:
         digest.update(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def teacher_fingerprint(groups: Sequence[TeacherGroup]) -> str:
-    """sha256 over the teacher groups' content and order (part of a distilling run's identity)."""
-    digest = hashlib.sha256()
-    for g in groups:
-        digest.update(json.dumps(g.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -653,7 +644,7 @@ def train(
     }
     if train_config.distill_batch_size:
         check_distill_groups(teacher_groups, train_config, context.world_size)
-        identity["teacher_sha256"] = teacher_fingerprint(teacher_groups)
+        identity["teacher_sha256"] = records_fingerprint(teacher_groups)
     manifest_path = model_dir / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

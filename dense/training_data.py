@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +79,26 @@ class TrainingRecord:
         }
 
 
-def read_records(path: str | Path) -> list[TrainingRecord]:
-    """All records of a JSONL file (blank lines skipped); errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training records file {path} does not exist")
-    records = []
+def iter_jsonl(path: Path, error: type[ValueError]) -> Iterator[tuple[str, Any]]:
+    """``(file:line, parsed object)`` for every non-blank line of a JSONL file; a line that is not JSON raises
+    ``error`` naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(TrainingRecord.from_json(obj, where))
-    return records
+                raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_records(path: str | Path) -> list[TrainingRecord]:
+    """All records of a JSONL file (blank lines skipped); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training records file {path} does not exist")
+    return [TrainingRecord.from_json(obj, where) for where, obj in iter_jsonl(path, RecordFormatError)]
 
 
 def write_records(records: Iterable[TrainingRecord], path: str | Path) -> Path:
