@@ -59,6 +59,8 @@ CASES: dict[str, Case] = {
                                            str(d / "qrels.dev.txt")], "no-artifacts"),
     "run_pipeline.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml", "--stages", "fusion"],
                                      "needs stage"),
+    "score_teacher.py": lambda w, d: (["--config", "configs/cpu-marco43k.toml", "--queries", "3", "--out",
+                                       str(w / "teacher.jsonl")], "no-artifacts"),
     "train_dense.py": lambda w, d: (["--encoder-config", '{"model_name_or_path": "m"}', "--train-config", "{}",
                                      "--records", str(w / "missing.jsonl"), "--collection",
                                      str(d / "collection.tsv")], "missing.jsonl"),
