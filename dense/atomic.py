@@ -96,6 +96,18 @@ def copy_file_atomic(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def drop_partial_last_line(path: str | Path) -> None:
+    """Cut a JSONL journal back to its last complete line: a line half-written when a run was killed is removed, so
+    that appends after it stay valid JSONL (a missing or empty file is left as it is)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes (recorded in manifests)."""
     digest = hashlib.sha256()

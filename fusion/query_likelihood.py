@@ -131,6 +131,11 @@ class QueryLikelihoodScorer:
             raise ValueError("the query has no tokens")
         return ids
 
+    def query_length(self, query: str) -> int:
+        """Tokens of ``query`` that :meth:`score` averages over (after the ``max_query_tokens`` cut): times the mean,
+        the whole query's log-likelihood."""
+        return len(self._query_ids(query))
+
     # ---- scoring -------------------------------------------------------------------------------------------
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         """Mean log-probability of the query's tokens after each passage; float64, one per passage."""

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from dense.atomic import write_text_atomic
+from dense.atomic import drop_partial_last_line, write_text_atomic
 from dense.interfaces import check_queries
 
 Ranking = list[tuple[str, float]]
@@ -91,10 +91,7 @@ class PairScoreCache:
         self.scorer_key = scorer_key
         self.scores: dict[tuple[str, str], float] = {}
         if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):  # a record cut by a crash: drop it so appends stay valid
-                with self.path.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+            drop_partial_last_line(self.path)  # a record cut by a crash: dropped so appends stay valid
             with self.path.open(encoding="utf-8") as f:
                 header = json.loads(f.readline() or "{}")
                 if header.get("scorer") != scorer_key:

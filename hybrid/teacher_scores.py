@@ -27,9 +27,9 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from dense.atomic import write_json_atomic
+from dense.atomic import drop_partial_last_line, sha256_file, write_json_atomic
 from dense.querygen.prompt import ForbiddenQueries, normalize_query
-from dense.teacher_data import TeacherGroup
+from dense.teacher_data import TeacherGroup, read_teacher_groups
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ Ranking = list[tuple[str, float]]
 class LikelihoodScorer(Protocol):
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray: ...
 
-    def sequences(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], int]: ...
+    def query_length(self, query: str) -> int: ...
 
 
 def manifest_path(out: str | os.PathLike) -> Path:
@@ -60,10 +60,7 @@ def _done_qids(out: Path) -> list[str]:
     """Qids already in ``out`` (a line cut by a crash is removed first, so appends stay valid)."""
     if not out.is_file():
         return []
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with out.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    drop_partial_last_line(out)
     return [json.loads(line)["qid"] for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -127,9 +124,9 @@ def score_teacher_groups(
                 logger.warning("qid %s: BM25 found %d passage(s); no group written", qid, len(pids))
                 lines.append(None)
                 continue
-            _, n_query = scorer.sequences(queries[qid], ["x"])
             scores = scorer.score(queries[qid], passage_text(pids))
-            group = TeacherGroup(qid, queries[qid], tuple(pids), tuple(float(s) for s in scores), n_query)
+            group = TeacherGroup(qid, queries[qid], tuple(pids), tuple(float(s) for s in scores),
+                                 scorer.query_length(queries[qid]))
             lines.append(json.dumps(group.to_json(), ensure_ascii=False))
             bar.update(1)
         with out.open("a", encoding="utf-8") as f:
@@ -153,9 +150,6 @@ def load_teacher_groups(path: str | os.PathLike, expected_sha256: str, forbidden
     """A committed teacher file, checked before training on it: its sha256 (when the config gives one), and that
     none of its queries is a held-out train query or an evaluation query; the first ``limit`` groups (0 = all), less
     those with fewer than ``min_passages`` passages (queries BM25 found few passages for; the count is logged)."""
-    from dense.atomic import sha256_file
-    from dense.teacher_data import read_teacher_groups
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dense.teacher_scores = {str(path)!r} does not exist; make it with "

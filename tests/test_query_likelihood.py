@@ -55,6 +55,14 @@ def test_scores_are_log_probabilities_of_the_query_only(tiny_lm) -> None:
         scorer.score("   ", ["a"])
 
 
+def test_query_length_is_what_the_mean_is_taken_over(tiny_lm) -> None:
+    model, tok = tiny_lm
+    scorer = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_query_tokens=3))
+    long_query = "where is the city of paris in france"
+    assert scorer.query_length(long_query) == scorer.sequences(long_query, ["x"])[1] == 3
+    assert scorer.query_length("cat") == len(scorer._query_ids("cat")) >= 1
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError):
         QueryLikelihoodConfig(batch_size=0)

@@ -24,8 +24,8 @@ class FakeScorer:
     def __init__(self, fail_after: int | None = None) -> None:
         self.calls, self.fail_after = 0, fail_after
 
-    def sequences(self, query: str, passages: list[str]) -> tuple[list[list[int]], int]:
-        return [[0]] * len(passages), len(query.split())
+    def query_length(self, query: str) -> int:
+        return len(query.split())
 
     def score(self, query: str, passages: list[str]) -> np.ndarray:
         self.calls += 1
