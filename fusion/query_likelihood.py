@@ -43,8 +43,14 @@ class QueryLikelihoodConfig:
     # CPU with native bf16 instructions (AVX512-BF16 or AMX), where it is much faster (EXPERIMENTS E27), float32
     # elsewhere (on a CPU without them bfloat16 is emulated and several times slower, E10; a GPU keeps float32)
     dtype: str = "float32"
+    # few-shot demonstrations, ``(passage, query)`` pairs of real *train* queries (never dev/DL), shown before the
+    # passage being scored as earlier turns of the same prompt (passages cut at ``max_passage_tokens``): they are part
+    # of the cached prefix, so they cost attention over a longer prefix, not extra forward passes (EXPERIMENTS E31)
+    examples: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if any(len(e) != 2 or not all(isinstance(t, str) and t.strip() for t in e) for e in self.examples):
+            raise ValueError("examples must be (passage, query) pairs of non-empty strings")
         if min(self.max_passage_tokens, self.max_query_tokens, self.batch_size) < 1:
             raise ValueError(f"token limits and batch size must be >= 1: {self}")
         if self.num_layers is not None and self.num_layers < 1:
@@ -110,15 +116,28 @@ class QueryLikelihoodScorer:
     # ---- prompt --------------------------------------------------------------------------------------------
     def _prompt_texts(self) -> tuple[str, str]:
         """Text before the passage and after it (up to where the query starts)."""
+        shots = [(self._cut_passage(p), " ".join(q.split())) for p, q in self.config.examples]
         if self._use_chat:
             marker = "\x00PASSAGE\x00"
-            messages = [{"role": "user", "content": f"{self.config.instruction}\n\nPassage: {marker}"}]
+            messages = []
             if self.config.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+                messages.append({"role": "system", "content": self.config.system_prompt})
+            # each demonstration is a turn of its own, worded like the scored one, so the model answers the last
+            # turn the way it "answered" the earlier ones
+            for passage, query in shots:
+                messages.append({"role": "user", "content": f"{self.config.instruction}\n\nPassage: {passage}"})
+                messages.append({"role": "assistant", "content": query})
+            messages.append({"role": "user", "content": f"{self.config.instruction}\n\nPassage: {marker}"})
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             before, after = text.split(marker)
             return before, after
-        return f"{self.config.instruction}\n\nPassage: ", "\nQuery:"
+        demos = "".join(f"Passage: {passage}\nQuery: {query}\n\n" for passage, query in shots)
+        return f"{self.config.instruction}\n\n{demos}Passage: ", "\nQuery:"
+
+    def _cut_passage(self, passage: str) -> str:
+        """A demonstration's passage on one line, cut at ``max_passage_tokens`` as scored passages are."""
+        ids = self._ids(" ".join(passage.split()))[: self.config.max_passage_tokens]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

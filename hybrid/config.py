@@ -164,6 +164,11 @@ class RerankConfig:
     # QL scorer precision: "float32", "bfloat16", or "auto" (bfloat16 on a CPU with native bf16 instructions, else
     # float32; fusion.query_likelihood.QueryLikelihoodConfig.dtype)
     dtype: str = "float32"
+    # QL prompt demonstrations: this many real train (query, positive) pairs, drawn with few_shot_seed from the
+    # queries the dense model trains on (never the fusion holdout, never a dev/DL query), shown before the passage
+    # (fusion.query_likelihood.QueryLikelihoodConfig.examples; 0 = zero-shot, EXPERIMENTS E31)
+    few_shot: int = 0
+    few_shot_seed: int = 0
     default: bool = False  # make "rerank" the mode of Retriever() (only when it fits the latency budget)
     # seconds per query for scoring candidates (after the first stage): candidates are scored batch_size at a time
     # until the next batch would not fit, the rest keep the fused order (hybrid.rerank.RerankingSearcher)
@@ -186,6 +191,10 @@ class RerankConfig:
             raise ConfigError("rerank.default = true needs rerank.enabled = true")
         if self.dtype not in PRECISIONS:
             raise ConfigError(f"rerank.dtype must be one of {PRECISIONS}, got {self.dtype!r}")
+        if self.few_shot < 0:
+            raise ConfigError(f"rerank.few_shot must be >= 0, got {self.few_shot}")
+        if self.few_shot and self.scorer != "ql":
+            raise ConfigError("rerank.few_shot applies to the query-likelihood scorer (scorer = 'ql') only")
 
 
 @dataclass(frozen=True)

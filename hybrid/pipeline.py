@@ -119,6 +119,8 @@ class Pipeline:
             del section["batch_size"]
         if section["dtype"] == "float32":
             del section["dtype"]
+        if not section["few_shot"]:
+            del section["few_shot"], section["few_shot_seed"]
         return section
 
     def inputs_fingerprint(self, stage: str) -> str:
@@ -368,6 +370,23 @@ class Pipeline:
             dense_qids = dense_qids[:cap]
         return queries, qrels, dense_qids, fusion_qids
 
+    def ql_examples(self, n: int, seed: int) -> list:
+        """``n`` few-shot demonstrations for the QL prompt (``dense.querygen.prompt.FewShotExample``): real train
+        queries the dense model trains on, with a positive passage in the corpus; never a fusion-holdout query (the
+        set every choice is made on, so it must not see its own answers) nor a dev/DL id or text."""
+        from dense.querygen.prompt import FewShotExample, ForbiddenQueries, draw_examples
+
+        if n == 0:
+            return []
+        queries, qrels, dense_qids, heldout = self.real_train_split()
+        store = self.passages()
+        pairs = []
+        for q in dense_qids:
+            pid = min(p for p, g in qrels[q].items() if g > 0 and p in store)
+            pairs.append(FewShotExample(qid=q, query=queries[q], pid=pid, passage=store.get(pid)))
+        forbidden = ForbiddenQueries.from_data_dir(self.data_dir().root, self.config.data.train_split)
+        return draw_examples(pairs, n, seed, forbidden, exclude_texts=[queries[q] for q in heldout])
+
     def _training_records(self):
         from dense.training_data import read_msmarco_train_records, read_records
 
@@ -586,6 +605,8 @@ class Pipeline:
         else:
             model_dir = smollm2_dir(self.root)
         settings = {**asdict(c), "model_dir": to_stored_path(self.root, model_dir)}  # relative when inside root
+        if c.few_shot:  # the demonstrations themselves, so Retriever needs no data directory
+            settings["examples"] = [asdict(e) for e in self.ql_examples(c.few_shot, c.few_shot_seed)]
         write_json_atomic(out / "settings.json", settings)
         return settings
 

@@ -44,6 +44,8 @@ class RerankSettings:
 
     config: RerankConfig
     model_dir: Path | None
+    # the QL prompt's demonstrations (rerank.few_shot): (passage, query) pairs the stage drew
+    examples: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def read(cls, root: Path) -> RerankSettings:
@@ -60,7 +62,12 @@ class RerankSettings:
             values["cross_encoder"] = CrossEncoderStageConfig(
                 **{k: v for k, v in values["cross_encoder"].items() if k in section}
             )
-        return cls(RerankConfig(**values), from_stored_path(root, raw["model_dir"]))
+        config = RerankConfig(**values)
+        examples = tuple((e["passage"], e["query"]) for e in raw.get("examples", []))
+        if len(examples) != config.few_shot:
+            raise ArtifactError(f"{path} asks for {config.few_shot} few-shot examples but holds {len(examples)}; "
+                                "rerun the 'rerank' stage (scripts/run_pipeline.py --config ... --stages rerank)")
+        return cls(config, from_stored_path(root, raw["model_dir"]), examples)
 
 
 def bm25_searcher(root: Path):
@@ -113,7 +120,8 @@ def rerank_scorer(settings: RerankSettings):
 
     return QueryLikelihoodScorer.from_dir(
         settings.model_dir,
-        QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt, dtype=c.dtype),
+        QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt, dtype=c.dtype,
+                              examples=settings.examples),
     )
 
 

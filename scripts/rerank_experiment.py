@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
     p.add_argument("--dtype", choices=PRECISIONS, default="float32",
                    help="QL scorer precision (auto: bfloat16 on a CPU with native bf16 instructions)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="N",
+                   help="QL prompt demonstrations: N real train pairs drawn as the rerank stage draws them "
+                        "(Pipeline.ql_examples; needs --train-holdout or --config)")
+    p.add_argument("--few-shot-seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None,
+                   help="pipeline config the --few-shot examples are drawn with (default: --train-holdout's)")
     p.add_argument("--artifacts", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,8 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     base_run = read_trec_run(run_path)
     if args.scorer == "cross_encoder" and not args.model_dir:
         raise SystemExit("--scorer cross_encoder needs --model-dir (a model from scripts/train_cross_encoder.py)")
+    examples: tuple[tuple[str, str], ...] = ()
+    if args.few_shot:
+        from hybrid.config import load_config
+        from hybrid.pipeline import Pipeline
+
+        if not (args.config or args.train_holdout):
+            raise SystemExit("--few-shot needs --config CONFIG (or --train-holdout CONFIG) to draw its examples")
+        drawn = Pipeline(load_config(args.config or args.train_holdout), root).ql_examples(args.few_shot,
+                                                                                          args.few_shot_seed)
+        logging.getLogger(__name__).info("few-shot examples: qids %s", [e.qid for e in drawn])
+        examples = tuple((e.passage, e.query) for e in drawn)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
-                                   num_layers=args.num_layers, dtype=args.dtype)
+                                   num_layers=args.num_layers, dtype=args.dtype, examples=examples)
     model = "smollm2-135m-instruct-full"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
         files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
@@ -118,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = max(files, key=lambda f: f.stat().st_mtime)
         model = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}"
     # the dtype joins the cache key only when it is not the default, so caches from before the field existed hold
-    key = f"{model}:{config}".replace(", dtype='float32'", "")
+    # (and the examples when there are none)
+    key = f"{model}:{config}".replace(", examples=()", "").replace(", dtype='float32'", "")
     if args.scorer == "cross_encoder":
         from fusion.cross_encoder import CrossEncoderScorer
 
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         scorer = QueryLikelihoodScorer.from_dir(args.model_dir or smollm2_dir(root), config)
         prefix, label = "ql", "QL"
     cache = PairScoreCache(out / f"{prefix}.{args.name}.{hashlib.sha1(key.encode()).hexdigest()[:8]}.jsonl", key)
-    logging.getLogger(__name__).info("scorer %s, cache %s", key, cache.path)
+    logging.getLogger(__name__).info("scorer %s, cache %s", key[:300], cache.path)
     store = PassageStore.open(stage_dir(root, "data"))
     report = rerank_report(
         args.base, base_run, queries, qrels, scorer, store.get_many, cache,

@@ -113,6 +113,24 @@ class ForbiddenQueries:
         return len(self.qids)
 
 
+def draw_examples(
+    examples: Sequence[FewShotExample], n: int, seed: int, forbidden: ForbiddenQueries,
+    exclude_texts: Iterable[str] = (),
+) -> list[FewShotExample]:
+    """``n`` of ``examples`` drawn by ``seed`` (one per query), none forbidden (a dev/DL id or text) and none whose
+    normalized text is in ``exclude_texts`` (e.g. the held-out selection queries); the draw depends only on the set of
+    examples, not their order. Raises when fewer than ``n`` are allowed."""
+    excluded = {normalize_query(t) for t in exclude_texts}
+    allowed: dict[str, FewShotExample] = {}
+    for ex in sorted(examples, key=lambda e: (e.qid, e.pid)):
+        if ex.qid not in allowed and not forbidden.why_forbidden(ex.qid, ex.query) \
+                and normalize_query(ex.query) not in excluded:
+            allowed[ex.qid] = ex
+    if len(allowed) < n:
+        raise ValueError(f"{n} few-shot examples asked for, but only {len(allowed)} train queries are allowed")
+    return random.Random(seed).sample(list(allowed.values()), n)
+
+
 def evaluation_query_files(data_dir: str | Path, train_split: str = "train") -> list[Path]:
     """``queries.<split>.tsv`` files of ``data_dir`` for every split but ``train_split``, sorted."""
     return sorted(p for p in Path(data_dir).glob("queries.*.tsv") if p.name != f"queries.{train_split}.tsv")
