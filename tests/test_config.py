@@ -120,3 +120,21 @@ def test_rerank_dtype_is_checked_and_float32_leaves_the_rerank_fingerprint_alone
     assert pipeline("auto").inputs_fingerprint("fusion") == pipeline("float32").inputs_fingerprint("fusion")
     with pytest.raises(ConfigError, match="rerank.dtype"):
         load_config(CONFIGS[0], ['rerank.dtype="float16"'])
+
+
+def test_rerank_few_shot_is_checked_and_zero_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
+
+    def pipeline(**rerank) -> Pipeline:
+        config = PipelineConfig()
+        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, **rerank)), tmp_path)
+
+    zero = pipeline().inputs_fingerprint("rerank")
+    assert "few_shot" not in pipeline()._rerank_section()
+    assert pipeline(few_shot_seed=3).inputs_fingerprint("rerank") == zero  # the seed draws nothing at zero shots
+    assert zero != pipeline(few_shot=3).inputs_fingerprint("rerank") != pipeline(few_shot=3, few_shot_seed=1) \
+        .inputs_fingerprint("rerank")
+    with pytest.raises(ConfigError, match="rerank.few_shot"):
+        load_config(CONFIGS[0], ["rerank.few_shot=-1"])
+    with pytest.raises(ConfigError, match="query-likelihood"):
+        load_config(CONFIGS[0], ["rerank.few_shot=2", 'rerank.scorer="cross_encoder"'])

@@ -266,3 +266,39 @@ def test_without_distillation_the_teacher_settings_leave_the_dense_fingerprint_a
     dense = dataclasses.replace(pipeline.config.dense, teacher_groups=5, teacher_scores_sha256="ab")
     same = Pipeline(dataclasses.replace(pipeline.config, dense=dense), pipeline.root)
     assert same.inputs_fingerprint("dense_train") == pipeline.inputs_fingerprint("dense_train")
+
+
+def test_few_shot_rerank_stage_draws_train_demonstrations_the_retriever_uses(built, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    from hybrid import Retriever
+    from hybrid.artifacts import ArtifactError
+    from hybrid.searchers import RerankSettings
+
+    pipeline, done, _ = built
+    root = tmp_path / "artifacts"
+    shutil.copytree(pipeline.root, root)
+    rerank = dataclasses.replace(pipeline.config.rerank, few_shot=2, few_shot_seed=1)
+    few = Pipeline(dataclasses.replace(pipeline.config, rerank=rerank), root)
+    few.run(["rerank"])
+    queries, qrels, dense_qids, heldout = pipeline.real_train_split()
+    examples = json.loads((root / "rerank" / "settings.json").read_text())["examples"]
+    # real train queries the dense model trains on, never the held-out selection queries, each with a positive
+    assert len(examples) == 2 and all(e["qid"] in dense_qids and e["qid"] not in heldout for e in examples)
+    assert all(qrels[e["qid"]][e["pid"]] > 0 and e["query"] == queries[e["qid"]] for e in examples)
+    assert examples == [dataclasses.asdict(e) for e in few.ql_examples(2, 1)]  # the draw is reproducible
+    settings = RerankSettings.read(root)
+    assert settings.examples == tuple((e["passage"], e["query"]) for e in examples)
+    retriever = Retriever(mode="rerank", artifacts_dir=root)
+    try:
+        assert retriever.searcher.scorer.config.examples == settings.examples
+        assert len(retriever.search("what is a marathon", k=5)) == 5
+    finally:
+        retriever.close()
+    # settings whose examples do not match their few_shot count are refused
+    path = root / "rerank" / "settings.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "examples": examples[:1]}))
+    with pytest.raises(ArtifactError, match="few-shot examples"):
+        RerankSettings.read(root)

@@ -92,6 +92,39 @@ def test_chat_prompt_system_turn_and_cached_prefix(tiny_lm, system_prompt) -> No
     np.testing.assert_allclose(got, [naive_score(scorer, "where is paris", p) for p in PASSAGES], rtol=1e-4, atol=1e-4)
 
 
+DEMOS = (("the eiffel tower stands in paris , the capital of france", "eiffel tower city"),
+         ("cats sleep most of the day", "how long do cats sleep"))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_few_shot_demonstrations_are_earlier_turns_of_the_cached_prefix(tiny_lm, chat: bool) -> None:
+    model, tok = tiny_lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATE if chat else None
+    zero = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_passage_tokens=4))
+    few = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_passage_tokens=4, examples=DEMOS))
+    zero_before, zero_after = zero._prompt_texts()
+    before, after = few._prompt_texts()
+    # the demonstrations sit before the scored passage, each query whole, each passage cut like a scored one;
+    # what follows the passage is unchanged, and so is the prompt's start
+    assert after == zero_after and before.endswith(zero_before[-len("Passage: "):])
+    assert before.index("eiffel tower city") < before.index("how long do cats sleep")
+    cut = tok.decode(tok(DEMOS[0][0], add_special_tokens=False)["input_ids"][:4], skip_special_tokens=True).strip()
+    assert f"Passage: {cut}" in before and "capital of france" not in before
+    assert before.count("Passage: ") == 3 and (before.count("<|im_start|>assistant") == 2) == chat
+    # cached prefix, scores equal a full forward pass, and the demonstrations change them
+    assert few._prefix_kv[0][0].shape[2] == len(few._prompt_ids[0]) > len(zero._prompt_ids[0])
+    got = few.score("where is paris", PASSAGES)
+    np.testing.assert_allclose(got, [naive_score(few, "where is paris", p) for p in PASSAGES], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, zero.score("where is paris", PASSAGES))
+
+
+@pytest.mark.parametrize("examples", [(("passage", ""),), (("only one",),), (("p", "q", "r"),)])
+def test_demonstrations_must_be_pairs_of_text(examples) -> None:
+    with pytest.raises(ValueError, match="pairs"):
+        QueryLikelihoodConfig(examples=examples)
+
+
 def test_num_layers_keeps_the_first_layers_of_the_given_model() -> None:
     tokenizer = train_bpe_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,

@@ -13,6 +13,7 @@ from dense.querygen.crop import CropConfig, crop_pairs, split_sentences
 from dense.querygen.filters import SanityFilterConfig, SanityFilters, consistency_filter
 from dense.querygen.output import llm_pairs, read_training_records, write_output
 from dense.querygen.prompt import (
+    draw_examples,
     FewShotExample,
     ForbiddenExampleError,
     ForbiddenQueries,
@@ -552,3 +553,19 @@ def test_the_cache_key_does_not_depend_on_where_the_model_is_installed(tiny_mode
     renamed = tmp_path / "another-model"
     shutil.copytree(tiny_model_dir, renamed)
     assert _prefix_generator(renamed).fingerprint() != _prefix_generator(tiny_model_dir).fingerprint()
+
+
+def test_draw_examples_is_seeded_order_free_and_skips_forbidden_and_excluded_queries() -> None:
+    forbidden = ForbiddenQueries(qids=frozenset({"101"}), texts=frozenset({"what does the name lauri mean"}))
+    extra = EXAMPLES + [FewShotExample("104", "how long is a marathon", "p7", "another positive of 104")]
+    drawn = draw_examples(extra, 1, seed=3, forbidden=forbidden, exclude_texts=["How long is a Marathon?"])
+    # 101 is forbidden by id, 103 by text, 104 excluded (a held-out text, compared normalized): only 102 is left
+    assert [e.qid for e in drawn] == ["102"]
+    with pytest.raises(ValueError, match="only 1 train queries are allowed"):
+        draw_examples(extra, 2, seed=3, forbidden=forbidden, exclude_texts=["how long is a marathon"])
+    allowed = ForbiddenQueries(qids=frozenset({"999"}))
+    a = draw_examples(extra, 3, seed=5, forbidden=allowed)
+    assert a == draw_examples(list(reversed(extra)), 3, seed=5, forbidden=allowed)
+    assert len({e.qid for e in a}) == 3  # one pair per query
+    assert [e.pid for e in a if e.qid == "104"] in ([], ["p6"])  # the first positive of a query with two
+    assert len({tuple(e.qid for e in draw_examples(extra, 2, seed=s, forbidden=allowed)) for s in range(8)}) > 1
