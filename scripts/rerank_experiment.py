@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         from hybrid.config import load_config
         from hybrid.pipeline import Pipeline
 
+        if args.scorer != "ql":
+            raise SystemExit("--few-shot applies to the query-likelihood scorer (--scorer ql) only")
         if not (args.config or args.train_holdout):
             raise SystemExit("--few-shot needs --config CONFIG (or --train-holdout CONFIG) to draw its examples")
         drawn = Pipeline(load_config(args.config or args.train_holdout), root).ql_examples(args.few_shot,
