@@ -67,3 +67,55 @@ def test_bad_training_input_is_refused() -> None:
         QLTrainConfig(trainable_layers=0)
     with pytest.raises(ValueError):
         QLTrainConfig(lr=0)
+
+
+def test_bfloat16_autocast_learns_with_float32_weights_and_reports_windows() -> None:
+    scorer = tiny_scorer()
+    before = margins(scorer)
+    record = train_query_likelihood(scorer, GROUPS, QLTrainConfig(trainable_layers=1, negatives=2, epochs=60, lr=3e-3,
+                                                                    autocast="bfloat16"), progress=False)
+    assert all(a > b for a, b in zip(margins(scorer), before))
+    assert all(p.dtype == torch.float32 for p in scorer.model.parameters())
+    # 120 steps: one full window of 100 and the last 20
+    assert len(record["window_losses"]) == 2 and len(record["window_accuracy"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in record["window_accuracy"])
+    assert record["time_budget_hit"] is False
+
+
+def test_time_budget_stops_training_early() -> None:
+    record = train_query_likelihood(tiny_scorer(1), GROUPS, QLTrainConfig(negatives=2, epochs=50, max_seconds=1e-9),
+                                    progress=False)
+    assert record["steps"] == 1 and record["time_budget_hit"] is True and len(record["epoch_losses"]) == 1
+
+
+def test_sampled_negatives_use_more_than_the_first_ones(monkeypatch) -> None:
+    group = TrainGroup("where is paris", "paris is the capital of france",
+                       ("the cat sat on the mat", "dogs bark at night", "rain falls in spain", "an apple a day"))
+
+    def negatives_seen(sample: bool) -> set[str]:
+        scorer, seen = tiny_scorer(1), set()
+        original = scorer.sequences
+
+        def spy(query, passages):
+            seen.update(passages[1:])
+            return original(query, passages)
+
+        monkeypatch.setattr(scorer, "sequences", spy)
+        train_query_likelihood(scorer, [group], QLTrainConfig(negatives=1, epochs=20, sample_negatives=sample),
+                               progress=False)
+        return seen
+
+    assert len(negatives_seen(True)) > 1
+    assert negatives_seen(False) == {group.negatives[0]}
+
+
+def test_training_refuses_a_bfloat16_scorer_and_bad_options() -> None:
+    tokenizer_scorer = tiny_scorer(1)
+    bf16 = QueryLikelihoodScorer(tokenizer_scorer.model, tokenizer_scorer.tokenizer,
+                                 QueryLikelihoodConfig(max_passage_tokens=16, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="float32"):
+        train_query_likelihood(bf16, GROUPS, progress=False)
+    with pytest.raises(ValueError):
+        QLTrainConfig(autocast="float16")
+    with pytest.raises(ValueError):
+        QLTrainConfig(max_seconds=0)
