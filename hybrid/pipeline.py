@@ -45,20 +45,27 @@ FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
 # dense_train with a second round (dense.refine): the first round's model and mined records live here
 FIRST_ROUND_DIR = "first_round"
 SELF_MINED_RECORDS = "self_mined_records.jsonl"
-STAGES = ("data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
+STAGES = ("data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
 # stages that run on every process of a torchrun launch (dense/distributed.py); the others run on rank 0 only
 DISTRIBUTED_STAGES = ("dense_train", "dense_index")
-# what each stage reads (its fingerprint includes theirs)
+# what each stage reads (its fingerprint includes theirs); bm25_expanded only while sparse.expansion is enabled
+# (Pipeline.upstream), so configs without document expansion keep the fingerprints they had before it existed
 UPSTREAM = {
     "data": (),
     "bm25": ("data",),
+    "bm25_expanded": ("data",),
     "synthetic": ("data", "bm25"),
     "dense_train": ("data", "bm25", "synthetic"),
     "dense_index": ("data", "dense_train"),
-    "fusion": ("data", "bm25", "dense_train", "dense_index"),
+    "fusion": ("data", "bm25", "bm25_expanded", "dense_train", "dense_index"),
     "rerank": ("fusion",),
-    "evaluate": ("data", "bm25", "dense_train", "dense_index", "fusion", "rerank"),
+    "evaluate": ("data", "bm25", "bm25_expanded", "dense_train", "dense_index", "fusion", "rerank"),
 }
+
+
+def sparse_index_name(config: PipelineConfig) -> str:
+    """The stage whose index the sparse and fused modes search under ``config``."""
+    return "bm25_expanded" if config.sparse.expansion.enabled else "bm25"
 
 
 class Pipeline:
@@ -69,6 +76,7 @@ class Pipeline:
         self.root = artifacts_dir(root or config.artifacts or None)
         self._fingerprints: dict[str, str] = {}
         self._bm25 = None
+        self._bm25_expanded = None
         self._store = None
         self._context = None
 
@@ -89,7 +97,9 @@ class Pipeline:
             # md5 sums (hybrid.download); left out entirely, so fingerprints from before the field existed still hold
             "data": {"data": {k: v for k, v in asdict(c.data).items() if k != "download_urls"},
                      "dir": str(self._data_source_dir())},
-            "bm25": asdict(c.sparse),
+            # the expansion has a stage of its own: the plain index (and what reads it) does not depend on it
+            "bm25": {k: v for k, v in asdict(c.sparse).items() if k != "expansion"},
+            "bm25_expanded": asdict(c.sparse),
             "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
             "dense_train": {"dense": self._dense_section(), "holdout": c.fusion.holdout_queries, "seed": c.seed},
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
@@ -123,9 +133,16 @@ class Pipeline:
             del section["few_shot"], section["few_shot_seed"]
         return section
 
+    def upstream(self, stage: str) -> tuple[str, ...]:
+        """The stages ``stage`` reads under this config (:data:`UPSTREAM`, less ``bm25_expanded`` while document
+        expansion is off: then nothing reads that stage)."""
+        if self.config.sparse.expansion.enabled:
+            return UPSTREAM[stage]
+        return tuple(u for u in UPSTREAM[stage] if u != "bm25_expanded")
+
     def inputs_fingerprint(self, stage: str) -> str:
         if stage not in self._fingerprints:
-            upstream = {u: self.inputs_fingerprint(u) for u in UPSTREAM[stage]}
+            upstream = {u: self.inputs_fingerprint(u) for u in self.upstream(stage)}
             self._fingerprints[stage] = fingerprint({"stage": stage, "config": self._section(stage), **upstream})
         return self._fingerprints[stage]
 
@@ -141,7 +158,7 @@ class Pipeline:
             "seconds": round(seconds, 1),
             "versions": versions(),
             # what it read, so loaders can tell when an upstream stage was rebuilt after it (require_stage)
-            "upstream": {up: self.inputs_fingerprint(up) for up in UPSTREAM[stage]},
+            "upstream": {up: self.inputs_fingerprint(up) for up in self.upstream(stage)},
             **summary,
         }
         write_json_atomic(stage_dir(self.root, stage) / STAGE_FILE, record)
@@ -175,7 +192,7 @@ class Pipeline:
                 logger.info("stage %s: up to date, skipped", stage)
                 done[stage] = read_stage(self.root, stage)
                 continue
-            for up in UPSTREAM[stage]:
+            for up in self.upstream(stage):
                 if not self.up_to_date(up):
                     raise ArtifactError(
                         f"stage {stage} needs stage {up}, which is missing or out of date for this config; "
@@ -273,6 +290,67 @@ class Pipeline:
             manifest_extra={"collection_checksum": file_checksum(data.collection_path), "k1": c.k1, "b": c.b},
         )
         return {"k1": c.k1, "b": c.b}
+
+    # ---- bm25 over expanded passages (doc2query) ---------------------------------------------------------------
+    def _run_bm25_expanded(self) -> dict:
+        """A second Lucene index of the passages with their generated queries appended (``sparse.expansion``), for
+        the sparse and fused modes; nothing to build while it is off (the modes then search the plain index)."""
+        c = self.config.sparse
+        out = stage_dir(self.root, "bm25_expanded")
+        if not c.expansion.enabled:
+            shutil.rmtree(out, ignore_errors=True)  # an index from an earlier config is not searched: free the disk
+            out.mkdir(parents=True, exist_ok=True)
+            return {"enabled": False}
+        from dense.querygen.output import file_sha256
+        from dense.querygen.prompt import ForbiddenQueries
+        from hybrid.synthetic_data import SyntheticDataError, resolve_precomputed
+        from sparse.expansion import expanded_passages, read_expansions
+        from sparse.index import IndexConfig, build_index
+
+        data = self.data_dir()
+        path = resolve_precomputed(c.expansion.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"sparse.expansion.file = {c.expansion.file!r} does not exist ({path})")
+        sha256 = file_sha256(path)
+        if c.expansion.sha256 and sha256 != c.expansion.sha256:
+            raise SyntheticDataError(
+                f"{path}: sha256 {sha256} but the config expects {c.expansion.sha256}; restore the committed file "
+                "(git checkout) or, if it was regenerated on purpose, put the new checksum in sparse.expansion.sha256"
+            )
+        expansions = read_expansions(path)
+        leaked = sorted(expansions.example_qids & set(self.real_train_split()[3]))
+        if leaked:
+            raise SyntheticDataError(f"{path}: the prompts used {len(leaked)} held-out train queries as few-shot "
+                                     f"examples (e.g. {leaked[:5]}); regenerate it without them")
+        # a generated query that happens to equal an evaluation query (case and punctuation aside) is left out
+        forbidden = ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split)
+        expansions, dropped = expansions.without(lambda q: forbidden.why_forbidden("", q) is not None)
+        store = self.passages()
+        outside = sum(pid not in store for pid in expansions.queries)
+        build_index(
+            expanded_passages(read_collection(data.collection_path), expansions), out,
+            IndexConfig(threads=c.threads, heap=c.heap),
+            manifest_extra={"collection_checksum": file_checksum(data.collection_path), "k1": c.k1, "b": c.b,
+                            "expansion_file": str(c.expansion.file), "expansion_sha256": sha256},
+        )
+        summary = {"enabled": True, "k1": c.k1, "b": c.b, "expansion_sha256": sha256, "expanded_passages": len(expansions) - outside,
+                   "queries": expansions.num_queries, "dropped_evaluation_queries": dropped,
+                   "not_in_collection": outside}
+        logger.info("bm25_expanded: %s", summary)
+        return summary
+
+    def sparse_retriever(self):
+        """The BM25 searcher the sparse and fused modes use: over the expanded passages when ``sparse.expansion``
+        is on, else the plain one (:meth:`bm25`, which the synthetic filter and negative mining always read)."""
+        if not self.config.sparse.expansion.enabled:
+            return self.bm25()
+        if self._bm25_expanded is None:
+            from sparse.bm25 import BM25Searcher
+
+            c = self.config.sparse
+            self._bm25_expanded = BM25Searcher(stage_dir(self.root, "bm25_expanded"), k1=c.k1, b=c.b,
+                                               threads=c.threads)
+        return self._bm25_expanded
 
     def bm25(self):
         if self._bm25 is None:
@@ -570,7 +648,7 @@ class Pipeline:
         if not fusion_qids:
             raise RuntimeError("no held-out train queries for fusion training: set fusion.holdout_queries > 0")
         texts = [queries[q] for q in fusion_qids]
-        bm25 = self.bm25().batch_search(texts, c.depth)
+        bm25 = self.sparse_retriever().batch_search(texts, c.depth)
         dense = self.dense_searcher().batch_search(texts, c.depth)
         rankings = {q: {"bm25": b, "dense": d} for q, b, d in zip(fusion_qids, bm25, dense)}
         store = self.passages()
@@ -579,7 +657,7 @@ class Pipeline:
             {q: qrels[q] for q in fusion_qids}, store.get_many, read_collection(self.data_dir().collection_path),
             len(store), depth=c.depth, rrf_k=c.rrf_k, C=c.C,
         )
-        return {"train_queries": len(fusion_qids), **summary}
+        return {"train_queries": len(fusion_qids), "sparse_index": sparse_index_name(self.config), **summary}
 
     # ---- rerank ----------------------------------------------------------------------------------------------
     def _run_rerank(self) -> dict:

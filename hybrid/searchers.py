@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from hybrid.artifacts import ArtifactError, from_stored_path, require_stage, stage_dir
+from hybrid.artifacts import ArtifactError, from_stored_path, read_stage, require_stage, stage_dir
 from hybrid.config import CrossEncoderStageConfig, RerankConfig
 
 Ranking = list[tuple[str, float]]
@@ -70,12 +70,21 @@ class RerankSettings:
         return cls(config, from_stored_path(root, raw["model_dir"]), examples)
 
 
+def sparse_index_stage(root: Path) -> str:
+    """The stage whose index the sparse and fused modes search: ``bm25_expanded`` when that stage built one
+    (``sparse.expansion``, doc2query), else ``bm25``."""
+    record = read_stage(root, "bm25_expanded")
+    return "bm25_expanded" if record and record.get("enabled") else "bm25"
+
+
 def bm25_searcher(root: Path):
-    """The BM25 searcher of the ``bm25`` stage, with the k1 and b it was configured with."""
+    """The BM25 searcher of the sparse and fused modes (:func:`sparse_index_stage`), with the k1 and b it was
+    configured with."""
     from sparse.bm25 import MSMARCO_B, MSMARCO_K1, BM25Searcher
 
-    manifest = require_stage(root, "bm25")
-    return BM25Searcher(stage_dir(root, "bm25"), k1=manifest.get("k1", MSMARCO_K1), b=manifest.get("b", MSMARCO_B))
+    stage = sparse_index_stage(root)
+    manifest = require_stage(root, stage)
+    return BM25Searcher(stage_dir(root, stage), k1=manifest.get("k1", MSMARCO_K1), b=manifest.get("b", MSMARCO_B))
 
 
 def dense_searcher(root: Path, search_depth: int | None = None):
@@ -98,7 +107,15 @@ def fused_searcher(root: Path, mode: str, passage_text: PassageText):
     from fusion.searcher import FusedSearcher
     from hybrid.fusion_stage import FusionArtifacts
 
-    require_stage(root, "fusion")
+    record = require_stage(root, "fusion")
+    # the fusion model learnt from the rankings of one BM25 index (plain or expanded); it must fuse that one's
+    trained_on, now = record.get("sparse_index", "bm25"), sparse_index_stage(root)
+    if trained_on != now:
+        raise ArtifactError(
+            f"the fusion stage in {stage_dir(root, 'fusion')} was trained on rankings of the '{trained_on}' index, "
+            f"but the sparse index is now '{now}'; rerun the 'fusion' stage and the stages after it "
+            "(python scripts/run_pipeline.py --config <config> --stages fusion rerank evaluate)"
+        )
     fusion = FusionArtifacts.load(stage_dir(root, "fusion"))
     strategy = fusion.strategies(passage_text)[mode]
     # the dense searcher is only ever asked for `depth`, so it needs to search no deeper
@@ -171,4 +188,5 @@ __all__ = [
     "fused_searcher",
     "rerank_scorer",
     "reranking_searcher",
+    "sparse_index_stage",
 ]

@@ -2,7 +2,8 @@
 
 ``tiny_artifacts`` (session fixture, registered in conftest.py): a few hundred generated passages in the canonical
 layout, then the pipeline's stages data (with a subset written inside the artifact directory), bm25 (a real Lucene
-index through pyserini), synthetic (none), dense_train (a 1-layer, 32-wide BERT trained for a few steps), dense_index
+index through pyserini), bm25_expanded (a second index with generated queries appended to a few passages, from
+``write_tiny_expansions``), synthetic (none), dense_train (a 1-layer, 32-wide BERT trained for a few steps), dense_index
 (HNSW), fusion and rerank (a random 1-layer Llama as the query-likelihood model, stored under ``base_models/``
 like the real SmolLM2). The directory is built under one name and then renamed, so every test that uses it also
 checks that nothing in it points at where it was built.
@@ -37,6 +38,7 @@ class TinyArtifacts:
     dev_queries: dict[str, str]
     config_path: Path  # the config file and the overrides the pipeline ran with (to run a stage again)
     overrides: tuple[str, ...]
+    expanded: dict[str, str]  # pid -> the generated query appended to it in the bm25_expanded index
 
 
 def write_tiny_corpus(out: Path, seed: int = 0) -> Path:
@@ -62,6 +64,23 @@ def write_tiny_corpus(out: Path, seed: int = 0) -> Path:
         with open(out / f"qrels.{split}.txt", "w", encoding="utf-8") as f:
             f.writelines(f"{split}{n} 0 {pid} 1\n" for n, (pid, _, _) in enumerate(chosen))
     return out
+
+
+# "generated queries" of made-up words no passage holds (document expansion), for the first two dev positives (which
+# the subset keeps): the word "zanzibar" is in the first one's expansion only, "quokka" in both
+EXPANSION_QUERIES = ("zanzibar quokka", "quokka")
+
+
+def write_tiny_expansions(data: Path, out: Path) -> dict[str, str]:
+    """A generation cache in the format of ``make synthetic``'s (pid, queries, example_qids) at ``out``; returns
+    pid -> its generated query."""
+    import json
+
+    pids = [line.split()[2] for line in (data / "qrels.dev.txt").read_text().splitlines()][: len(EXPANSION_QUERIES)]
+    expanded = dict(zip(pids, EXPANSION_QUERIES, strict=True))
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"pid": pid, "queries": [q], "example_qids": []}) + "\n" for pid, q in expanded.items())
+    return expanded
 
 
 def tiny_encoder_backbone(texts: list[str], out: Path) -> Path:
@@ -105,12 +124,16 @@ def build_tiny_artifacts(base: Path) -> TinyArtifacts:
     built_at = base / "built-here"
     backbone = tiny_encoder_backbone(texts, base / "tiny-bert")
     lm = tiny_causal_lm(texts, built_at / "base_models" / "tiny-lm")  # inside, as smollm2_dir puts SmolLM2
+    expansions = base / "expansions.jsonl"
+    expanded = write_tiny_expansions(data, expansions)
     config_path = Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml"
     overrides = (
         f'data.dir="{data}"',
         'data.eval_splits=["dev"]',
         f"data.subset_distractors={SUBSET_DISTRACTORS}",
         'sparse.heap="1g"',
+        f'sparse.expansion.file="{expansions}"',
+        'sparse.expansion.sha256=""',
         "synthetic.methods=[]",
         'synthetic.precomputed=""',  # the committed set's passages are not in this corpus
         f'dense.base_model="{backbone}"',
@@ -132,7 +155,8 @@ def build_tiny_artifacts(base: Path) -> TinyArtifacts:
         "rerank.default=true",
     )
     config = load_config(config_path, list(overrides))
-    Pipeline(config, built_at).run(["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank"])
+    Pipeline(config, built_at).run(["data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index",
+                                    "fusion", "rerank"])
     root = base / "artifacts"
     built_at.rename(root)
-    return TinyArtifacts(root, data, built_at, MsMarcoDir(data).queries("dev"), config_path, overrides)
+    return TinyArtifacts(root, data, built_at, MsMarcoDir(data).queries("dev"), config_path, overrides, expanded)

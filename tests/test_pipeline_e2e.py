@@ -44,6 +44,26 @@ def _write_slice(src: MsMarcoDir, out: Path) -> Path:
     return out
 
 
+def _slice_expansions(slice_dir: Path, out: Path) -> Path:
+    """The committed generation cache's queries for the slice's passages (the CPU config's document expansion).
+    Without the few-shot example ids: its prompts were kept away from the CPU config's holdout on the whole pool,
+    not from the slice's (the stage's check of them is tested in tests/test_expansion.py)."""
+    import gzip
+    import json
+
+    from hybrid.synthetic_data import resolve_precomputed
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml")
+    pids = {pid for pid, _ in read_collection(slice_dir / "collection.tsv")}
+    with gzip.open(resolve_precomputed(config.sparse.expansion.file), "rt", encoding="utf-8") as f, \
+            open(out, "w", encoding="utf-8") as w:
+        for line in f:
+            record = json.loads(line)
+            if record["pid"] in pids:
+                w.write(json.dumps({"pid": record["pid"], "queries": record["queries"]}) + "\n")
+    return out
+
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """The pipeline run once on the slice, with a record of every file its stages opened for writing."""
@@ -53,6 +73,7 @@ def build(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     slice_dir = _write_slice(MsMarcoDir(data), root / "slice")
     texts = [t for _, t in read_collection(slice_dir / "collection.tsv")]
+    expansions = _slice_expansions(slice_dir, root / "expansions.jsonl")
     model = tiny_encoder_backbone(texts[:2000], root / "tiny-bert")
     lm = tiny_causal_lm(texts[:2000], root / "tiny-lm")
     config = load_config(
@@ -64,6 +85,8 @@ def build(tmp_path_factory):
             'synthetic.methods=["crop"]',
             'synthetic.precomputed=""',
             "synthetic.max_passages=200",
+            f'sparse.expansion.file="{expansions}"',
+            'sparse.expansion.sha256=""',
             f'dense.base_model="{model}"',
             "dense.base_layers=0",
             "dense.hard_negatives_depth=10",
@@ -98,10 +121,14 @@ def built(build):
 
 def test_every_stage_ran_and_recorded_its_inputs(built):
     pipeline, done, _ = built
-    assert list(done) == ["data", "bm25", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate"]
+    assert list(done) == ["data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion", "rerank",
+                          "evaluate"]
     for stage, record in done.items():
         assert record["inputs_fingerprint"] == pipeline.inputs_fingerprint(stage)
     assert done["fusion"]["train_queries"] == 40
+    # the CPU config's document expansion: the committed generation cache, for the slice's passages
+    assert done["bm25_expanded"]["enabled"] and done["fusion"]["sparse_index"] == "bm25_expanded"
+    assert 0 < done["bm25_expanded"]["expanded_passages"] <= len(pipeline.passages())
     assert done["dense_train"]["real_queries"] == N_TRAIN - 40
     assert set(done["evaluate"]["tables"]) == {"dev", "dl19"}
     assert (pipeline.root / "eval" / "ablation.dev.md").exists()

@@ -176,7 +176,7 @@ def test_missing_artifacts_name_what_to_run(tmp_path):
 
 
 def test_every_stage_records_the_fingerprints_of_what_it_read(tiny_artifacts):
-    for stage in ("data", "bm25", "dense_train", "dense_index", "fusion", "rerank"):
+    for stage in ("data", "bm25", "bm25_expanded", "dense_train", "dense_index", "fusion", "rerank"):
         record = read_stage(tiny_artifacts.root, stage)
         assert set(record["upstream"]) == set(UPSTREAM[stage])
         for up, fingerprint in record["upstream"].items():
@@ -187,7 +187,8 @@ def test_every_stage_records_the_fingerprints_of_what_it_read(tiny_artifacts):
     ("bm25", "hybrid", "fusion"),  # fusion <- bm25
     ("bm25", "rerank", "fusion"),  # rerank <- fusion <- bm25
     ("fusion", "rerank", "rerank"),  # rerank <- fusion
-    ("data", "sparse", "bm25"),  # bm25 <- data
+    ("data", "sparse", "bm25_expanded"),  # the sparse mode searches bm25_expanded <- data (expansion is on)
+    ("bm25_expanded", "hybrid", "fusion"),  # fusion <- bm25_expanded
     ("dense_train", "dense", "dense_index"),  # dense_index <- dense_train
 ])
 def test_a_rebuilt_upstream_stage_makes_the_retriever_refuse(artifacts_copy, changed, mode, rerun):
@@ -195,6 +196,28 @@ def test_a_rebuilt_upstream_stage_makes_the_retriever_refuse(artifacts_copy, cha
     write_json_atomic(stage_dir(artifacts_copy, changed) / STAGE_FILE, {**record, "inputs_fingerprint": "rebuilt-since"})
     with pytest.raises(ArtifactError, match=f"stage '{rerun}' .* from stage '{changed}'.*rerun the '{rerun}' stage"):
         Retriever(mode=mode, artifacts_dir=artifacts_copy)
+
+
+def test_the_sparse_and_fused_modes_search_the_expanded_index_and_return_the_original_text(tiny_artifacts):
+    collection = dict(read_collection(tiny_artifacts.data / "collection.tsv"))
+    first = next(iter(tiny_artifacts.expanded))  # the only passage whose expansion holds "zanzibar"
+    sparse = retriever(tiny_artifacts, "sparse").search("zanzibar", 5)
+    assert [r.document_id for r in sparse] == [first]
+    hybrid = {r.document_id: r for r in retriever(tiny_artifacts, "hybrid").search("zanzibar", 2 * FUSION_DEPTH)}
+    for hit in (sparse[0], hybrid[first]):  # what is returned is the passage as the collection has it
+        assert hit.document_text == collection[first] and "zanzibar" not in hit.document_text
+    hits = {r.document_id for r in retriever(tiny_artifacts, "sparse").search("quokka", 5)}
+    assert hits == set(tiny_artifacts.expanded)
+    assert read_stage(tiny_artifacts.root, "bm25_expanded")["expanded_passages"] == len(tiny_artifacts.expanded)
+    assert read_stage(tiny_artifacts.root, "fusion")["sparse_index"] == "bm25_expanded"
+
+
+def test_a_fusion_model_trained_on_the_other_index_is_refused(artifacts_copy):
+    record = read_stage(artifacts_copy, "fusion")
+    write_json_atomic(stage_dir(artifacts_copy, "fusion") / STAGE_FILE, {**record, "sparse_index": "bm25"})
+    Retriever(mode="sparse", artifacts_dir=artifacts_copy)  # BM25 alone has no fusion model to disagree with
+    with pytest.raises(ArtifactError, match="trained on rankings of the 'bm25' index.*now 'bm25_expanded'"):
+        Retriever(mode="hybrid", artifacts_dir=artifacts_copy)
 
 
 def test_a_dense_index_from_another_model_is_refused(artifacts_copy):
