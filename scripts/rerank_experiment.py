@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="QL prompt demonstrations: N real train pairs drawn as the rerank stage draws them "
                         "(Pipeline.ql_examples; needs --train-holdout or --config)")
     p.add_argument("--few-shot-seed", type=int, default=0)
+    p.add_argument("--instruction", default=None,
+                   help="the QL prompt's instruction (default: fusion.query_likelihood.DEFAULT_INSTRUCTION)")
     p.add_argument("--config", type=Path, default=None,
                    help="pipeline config the --few-shot examples are drawn with (default: --train-holdout's)")
     p.add_argument("--artifacts", type=Path, default=None)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).info("few-shot examples: qids %s", [e.qid for e in drawn])
         examples = tuple((e.passage, e.query) for e in drawn)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
-                                   num_layers=args.num_layers, dtype=args.dtype, examples=examples)
+                                   num_layers=args.num_layers, dtype=args.dtype, examples=examples,
+                                   **({"instruction": args.instruction} if args.instruction else {}))
     model = "smollm2-135m-instruct-full"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
         files = [*args.model_dir.glob("*.safetensors"), *args.model_dir.glob("*.bin")]
