@@ -141,7 +141,8 @@ def train_query_likelihood(
         windows.append(round(sum(window) / len(window), 4))
         accuracies.append(round(sum(hits) / len(hits), 3))
     return {"config": asdict(config), "groups": len(groups), "steps": steps, "epoch_losses": losses,
-            "window_losses": windows, "window_accuracy": accuracies, "seconds": round(time.perf_counter() - start, 1), "time_budget_hit": stopped}
+            "window_losses": windows, "window_accuracy": accuracies,
+            "seconds": round(time.perf_counter() - start, 1), "time_budget_hit": stopped}
 
 
 def save_scorer_model(scorer: QueryLikelihoodScorer, out_dir: str | Path, record: dict) -> Path:

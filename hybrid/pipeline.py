@@ -333,9 +333,9 @@ class Pipeline:
             manifest_extra={"collection_checksum": file_checksum(data.collection_path), "k1": c.k1, "b": c.b,
                             "expansion_file": str(c.expansion.file), "expansion_sha256": sha256},
         )
-        summary = {"enabled": True, "k1": c.k1, "b": c.b, "expansion_sha256": sha256, "expanded_passages": len(expansions) - outside,
-                   "queries": expansions.num_queries, "dropped_evaluation_queries": dropped,
-                   "not_in_collection": outside}
+        summary = {"enabled": True, "k1": c.k1, "b": c.b, "expansion_sha256": sha256,
+                   "expanded_passages": len(expansions) - outside, "queries": expansions.num_queries,
+                   "dropped_evaluation_queries": dropped, "not_in_collection": outside}
         logger.info("bm25_expanded: %s", summary)
         return summary
 

@@ -121,8 +121,8 @@ def built(build):
 
 def test_every_stage_ran_and_recorded_its_inputs(built):
     pipeline, done, _ = built
-    assert list(done) == ["data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion", "rerank",
-                          "evaluate"]
+    assert list(done) == ["data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion",
+                          "rerank", "evaluate"]
     for stage, record in done.items():
         assert record["inputs_fingerprint"] == pipeline.inputs_fingerprint(stage)
     assert done["fusion"]["train_queries"] == 40
