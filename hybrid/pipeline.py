@@ -301,9 +301,8 @@ class Pipeline:
             shutil.rmtree(out, ignore_errors=True)  # an index from an earlier config is not searched: free the disk
             out.mkdir(parents=True, exist_ok=True)
             return {"enabled": False}
-        from dense.querygen.output import file_sha256
         from dense.querygen.prompt import ForbiddenQueries
-        from hybrid.synthetic_data import SyntheticDataError, resolve_precomputed
+        from hybrid.synthetic_data import SyntheticDataError, check_sha256, resolve_precomputed
         from sparse.expansion import expanded_passages, read_expansions
         from sparse.index import IndexConfig, build_index
 
@@ -311,12 +310,7 @@ class Pipeline:
         path = resolve_precomputed(c.expansion.file)
         if not path.is_file():
             raise FileNotFoundError(f"sparse.expansion.file = {c.expansion.file!r} does not exist ({path})")
-        sha256 = file_sha256(path)
-        if c.expansion.sha256 and sha256 != c.expansion.sha256:
-            raise SyntheticDataError(
-                f"{path}: sha256 {sha256} but the config expects {c.expansion.sha256}; restore the committed file "
-                "(git checkout) or, if it was regenerated on purpose, put the new checksum in sparse.expansion.sha256"
-            )
+        sha256 = check_sha256(path, c.expansion.sha256, "sparse.expansion.sha256")
         expansions = read_expansions(path)
         leaked = sorted(expansions.example_qids & set(self.real_train_split()[3]))
         if leaked:

@@ -49,6 +49,17 @@ def resolve_precomputed(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def check_sha256(path: Path, expected: str, setting: str) -> str:
+    """The sha256 of a committed file, checked against the config's ``setting`` when that is set."""
+    actual = file_sha256(path)
+    if expected and actual != expected:
+        raise SyntheticDataError(
+            f"{path}: sha256 {actual} but the config expects {expected}; restore the committed file "
+            f"(git checkout) or, if it was regenerated on purpose, put the new checksum in {setting}"
+        )
+    return actual
+
+
 def verify_precomputed(path: str | os.PathLike, expected_sha256: str, forbidden: ForbiddenQueries,
                        heldout_qids: set[str] | frozenset[str]) -> dict:
     """Check a precomputed records file before training on it; returns its manifest (``<stem>.manifest.json``).
@@ -57,12 +68,7 @@ def verify_precomputed(path: str | os.PathLike, expected_sha256: str, forbidden:
     path = Path(path)
     if not path.is_file():
         raise SyntheticDataError(f"synthetic.precomputed = {str(path)!r} does not exist")
-    actual = file_sha256(path)
-    if expected_sha256 and actual != expected_sha256:
-        raise SyntheticDataError(
-            f"{path}: sha256 {actual} but the config expects {expected_sha256}; restore the committed file "
-            "(git checkout) or, if it was regenerated on purpose, put the new checksum in synthetic.precomputed_sha256"
-        )
+    check_sha256(path, expected_sha256, "synthetic.precomputed_sha256")
     for line_no, rec in enumerate(read_training_records(path), 1):
         reason = forbidden.why_forbidden(str(rec["qid"]), rec["query"])
         if reason:
