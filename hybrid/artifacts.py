@@ -99,6 +99,31 @@ def versions() -> dict[str, str]:
     return out
 
 
+def machine() -> dict[str, Any]:
+    """The hardware a stage ran or a benchmark was timed on: stage seconds and latencies depend on it (the same
+    ``make run`` took 35 min on one 2-core box and longer on another, EXPERIMENTS E41)."""
+    import platform
+
+    cpu, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not cpu:
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    out: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(),
+                           "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"})}
+    torch = sys.modules.get("torch")  # only when already loaded: describing the box must not cost a torch import
+    if torch is not None and torch.cuda.is_available():
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
 def read_stage(root: Path, stage: str) -> dict | None:
     path = stage_dir(root, stage) / STAGE_FILE
     return json.loads(path.read_text()) if path.exists() else None

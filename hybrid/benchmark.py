@@ -13,6 +13,7 @@ import numpy as np
 
 from dense.searcher import DenseSearcher
 from fusion.searcher import FusedSearcher
+from hybrid.artifacts import machine
 from hybrid.evaluation import LatencyStats, budgeted_searcher, markdown_table, measure_latency
 from hybrid.rerank import RerankingSearcher
 from hybrid.retriever import Retriever
@@ -77,11 +78,14 @@ def benchmark(artifacts: str | Path | None, queries: Sequence[str], k: int = 10,
         breakdowns[mode] = component_breakdown(retriever, list(queries)[:BREAKDOWN_QUERIES], k)
         retriever.close()
     raw["breakdown_ms"] = breakdowns
+    raw["machine"] = machine()
     cols = ["system", "p50 ms", "p95 ms", "p99 ms", "queries/s", "p95 / bm25 p95", "budget cut %", "n"]
     table = markdown_table(rows, cols)
     note = (f"Median ms per component (measured one by one on {BREAKDOWN_QUERIES} queries; bm25 and dense overlap "
             "in a real search, which runs them concurrently):")
-    lines = [table, "", note, ""]
+    box = raw["machine"]
+    lines = [f"Machine: {box['cpu']}, {box['logical_cpus']} logical CPUs"
+             + (f", GPU {', '.join(box['gpus'])}" if box.get("gpus") else ""), "", table, "", note, ""]
     for mode, parts in breakdowns.items():
         lines.append(markdown_table([{"component": f"{mode}: {n}", "ms": v} for n, v in parts.items()],
                                     ["component", "ms"]))

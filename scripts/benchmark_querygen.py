@@ -1,4 +1,4 @@
-"""Query-generation throughput: the old ``generate()`` path vs the prefix-cached engine, batch sizes and prompt
+r"""Query-generation throughput: the old ``generate()`` path vs the prefix-cached engine, batch sizes and prompt
 variants, on the same passages; prints queries/s, prompt tokens/s and filter pass rates (EXPERIMENTS.md E12).
 
     python scripts/benchmark_querygen.py --data-dir $MSMARCO_DIR --passages 64 \

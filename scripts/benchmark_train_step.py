@@ -1,4 +1,4 @@
-"""What one dense training step costs, phase by phase (tokenisation, forward, loss + backward, optimizer), for
+r"""What one dense training step costs, phase by phase (tokenisation, forward, loss + backward, optimizer), for
 variants of a pipeline config's [dense.encoder] / [dense.train] settings; prints a markdown table and the share of a
 step that tokenisation takes (what pre-tokenised data would save at most). See dense/step_cost.py.
 

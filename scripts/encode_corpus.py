@@ -1,4 +1,4 @@
-"""Encode a passage collection with a trained dense encoder; resumes after a kill.
+r"""Encode a passage collection with a trained dense encoder; resumes after a kill.
 
     python scripts/encode_corpus.py --model-dir artifacts/dense_model/model \
         --collection "$MSMARCO_DIR/collection.tsv" [--out-dir artifacts/dense_index/embeddings]

@@ -1,4 +1,4 @@
-"""Generate synthetic training queries for the pool passages (LLM few-shot or crop baseline).
+r"""Generate synthetic training queries for the pool passages (LLM few-shot or crop baseline).
 
 Example (LLM, 2,000 passages, BM25 round-trip filter):
     python scripts/generate_queries.py --method llm --collection $D/collection.tsv \

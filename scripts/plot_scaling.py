@@ -1,4 +1,4 @@
-"""Data-scaling curve of the dense model (issue 11): metric vs number of synthetic training queries, from
+r"""Data-scaling curve of the dense model (issue 11): metric vs number of synthetic training queries, from
 ``scripts/ablation_run.sh`` directories; writes a PNG and a markdown table (EXPERIMENTS.md).
 
     python scripts/plot_scaling.py --run /tmp/exps/scale-0 --run /tmp/exps/scale-2500 --run /tmp/exps/scale-all \

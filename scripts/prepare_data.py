@@ -1,4 +1,4 @@
-"""Get MS MARCO passage data into the canonical layout, check it, or cut a subset from it.
+r"""Get MS MARCO passage data into the canonical layout, check it, or cut a subset from it.
 
     python scripts/prepare_data.py --source local --dir "$MSMARCO_DIR"          # validate, print counts
     python scripts/prepare_data.py --source download --out data/msmarco         # fetch v1 + TREC DL 19/20 (~1.1 GB)

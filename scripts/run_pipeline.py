@@ -1,4 +1,4 @@
-"""Run the whole pipeline (or some stages) from a config file.
+r"""Run the whole pipeline (or some stages) from a config file.
 
     python scripts/run_pipeline.py --config configs/cpu-marco43k.toml
     python scripts/run_pipeline.py --config configs/cpu-marco43k.toml --stages fusion evaluate --force fusion

@@ -1,4 +1,4 @@
-"""Train the dense bi-encoder on JSONL training records; resumes after a kill with --resume.
+r"""Train the dense bi-encoder on JSONL training records; resumes after a kill with --resume.
 
     python scripts/train_dense.py \
         --encoder-config configs/cpu-marco43k.toml#dense.encoder --model artifacts/base_models/smollm2-2l \

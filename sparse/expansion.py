@@ -73,6 +73,18 @@ def read_expansions(path: str | Path) -> Expansions:
     return Expansions({pid: tuple(qs) for pid, qs in queries.items() if qs}, frozenset(examples))
 
 
+def merge_expansions(parts: Iterable[Expansions]) -> Expansions:
+    """One :class:`Expansions` from several (e.g. two generation runs with different seeds): a passage keeps the
+    queries of every part, in order, duplicates included (a query sampled twice weighs twice, as in doc2query)."""
+    queries: dict[str, list[str]] = {}
+    examples: set[str] = set()
+    for part in parts:
+        for pid, qs in part.queries.items():
+            queries.setdefault(pid, []).extend(qs)
+        examples |= part.example_qids
+    return Expansions({pid: tuple(qs) for pid, qs in queries.items()}, frozenset(examples))
+
+
 def expanded_passages(passages: Iterable[tuple[str, str]], expansions: Expansions) -> Iterator[tuple[str, str]]:
     """``(pid, text)`` with the passage's generated queries appended (on a new line) where it has any."""
     for pid, text in passages:
@@ -80,4 +92,4 @@ def expanded_passages(passages: Iterable[tuple[str, str]], expansions: Expansion
         yield pid, f"{text}\n{' '.join(extra)}" if extra else text
 
 
-__all__ = ["ExpansionFormatError", "Expansions", "expanded_passages", "read_expansions"]
+__all__ = ["ExpansionFormatError", "Expansions", "expanded_passages", "merge_expansions", "read_expansions"]

@@ -11,7 +11,13 @@ import pytest
 from hybrid.config import ConfigError, ExpansionConfig, load_config
 from hybrid.pipeline import UPSTREAM, Pipeline
 from hybrid.synthetic_data import SyntheticDataError
-from sparse.expansion import ExpansionFormatError, Expansions, expanded_passages, read_expansions
+from sparse.expansion import (
+    ExpansionFormatError,
+    Expansions,
+    expanded_passages,
+    merge_expansions,
+    read_expansions,
+)
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu-marco43k.toml"
 
@@ -113,3 +119,45 @@ def test_expansion_off_builds_nothing_and_changes_no_other_fingerprint(tmp_path,
     assert off.upstream("evaluate") == tuple(u for u in UPSTREAM["evaluate"] if u != "bm25_expanded")
     record = off.run(["data", "bm25_expanded"])["bm25_expanded"]
     assert record["enabled"] is False and not (tmp_path / "a" / "bm25_expanded" / "lucene").exists()
+
+
+def test_merged_expansions_keep_every_files_queries_in_order():
+    first = Expansions({"a": ("q1",), "b": ("same",)}, frozenset({"11"}))
+    second = Expansions({"b": ("same",), "c": ("q3",)}, frozenset({"12"}))
+    merged = merge_expansions([first, second])
+    assert dict(merged.queries) == {"a": ("q1",), "b": ("same", "same"), "c": ("q3",)}
+    assert merged.example_qids == {"11", "12"} and merged.num_queries == 4
+
+
+def test_extra_files_need_a_first_file_and_one_checksum_each():
+    with pytest.raises(ConfigError, match="2 checksums for 1 extra_files"):
+        ExpansionConfig(enabled=True, file="a", extra_files=("b",), extra_sha256=("x", "y"))
+    with pytest.raises(ConfigError, match="needs sparse.expansion.file"):
+        ExpansionConfig(extra_files=("b",))
+    assert ExpansionConfig(enabled=True, file="a", sha256="s", extra_files=("b", "c")).files == (
+        ("a", "s"), ("b", ""), ("c", ""))
+
+
+def test_the_stage_appends_the_extra_files_queries_and_checks_each(tmp_path, tiny_msmarco_dir):
+    from sparse.bm25 import BM25Searcher
+
+    first = _write(tmp_path / "e1.jsonl", [{"pid": "6", "queries": ["walrus"]}])
+    second = _write(tmp_path / "e2.jsonl", [{"pid": "6", "queries": ["moustache"]}, {"pid": "2", "queries": ["okapi"]}])
+    root = tmp_path / "artifacts"
+    plain = Pipeline(_config(tiny_msmarco_dir, first), root)
+    both = Pipeline(_config(tiny_msmarco_dir, first, f'sparse.expansion.extra_files=["{second}"]'), root)
+    # an index built before extra files existed keeps its fingerprint; adding one rebuilds it
+    assert plain.inputs_fingerprint("bm25_expanded") == Pipeline(
+        _config(tiny_msmarco_dir, first, "sparse.expansion.extra_files=[]"), root).inputs_fingerprint("bm25_expanded")
+    assert plain.inputs_fingerprint("bm25_expanded") != both.inputs_fingerprint("bm25_expanded")
+    record = both.run(["data", "bm25_expanded"])["bm25_expanded"]
+    assert (record["expanded_passages"], record["queries"], len(record["extra_sha256"])) == (2, 3, 1)
+    searcher = BM25Searcher(root / "bm25_expanded")
+    assert searcher.doc_text("6").endswith("\nwalrus moustache")
+    assert [pid for pid, _ in searcher.search("okapi", 3)] == ["2"]
+    with pytest.raises(SyntheticDataError, match=r"sparse.expansion.extra_sha256\[0\]"):
+        Pipeline(_config(tiny_msmarco_dir, first, f'sparse.expansion.extra_files=["{second}"]',
+                         f'sparse.expansion.extra_sha256=["{"0" * 64}"]'), root).run(["bm25_expanded"])
+    with pytest.raises(FileNotFoundError, match=r"sparse.expansion.extra_files\[0\]"):
+        Pipeline(_config(tiny_msmarco_dir, first, f'sparse.expansion.extra_files=["{tmp_path / "no.jsonl"}"]'),
+                 root).run(["bm25_expanded"])

@@ -569,3 +569,15 @@ def test_draw_examples_is_seeded_order_free_and_skips_forbidden_and_excluded_que
     assert len({e.qid for e in a}) == 3  # one pair per query
     assert [e.pid for e in a if e.qid == "104"] in ([], ["p6"])  # the first positive of a query with two
     assert len({tuple(e.qid for e in draw_examples(extra, 2, seed=s, forbidden=allowed)) for s in range(8)}) > 1
+
+
+def test_benchmark_variants_parse_every_option_and_refuse_unknown_ones() -> None:
+    from dense.querygen.benchmark import GenerationVariant
+
+    v = GenerationVariant.parse("prefix-b64-e2-p96-x4-t20-n3")
+    assert (v.engine, v.batch_size, v.num_examples, v.max_passage_tokens, v.num_prefixes, v.max_new_tokens,
+            v.num_queries) == ("prefix", 64, 2, 96, 4, 20, 3)
+    assert GenerationVariant.parse("generate").num_queries == 1
+    for bad in ("prefix-q3", "prefix-n", "beam-b4"):
+        with pytest.raises(ValueError):
+            GenerationVariant.parse(bad)

@@ -317,3 +317,5 @@ def test_latency_benchmark_reports_percentiles_and_the_budget_cut_rate(artifacts
     assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])
     assert any(name.startswith("rerank") for name in raw["breakdown_ms"]["rerank"])
     assert "dense query encoding" in raw["breakdown_ms"]["dense"]
+    # the box it was timed on heads the table and the raw numbers
+    assert raw["machine"]["logical_cpus"] >= 1 and table.startswith(f"Machine: {raw['machine']['cpu']}")

@@ -29,6 +29,10 @@ def test_help_exits_zero(script: str) -> None:
     result = run_script(script, ["--help"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "Traceback" not in result.stderr
+    # a shell line continuation in an example stays a line break (a plain docstring would join the lines)
+    source = (REPO / "scripts" / script).read_text(encoding="utf-8")
+    if " \\\n" in source.split('"""')[1]:
+        assert " \\\n" in result.stdout
 
 
 # script -> (arguments given a work directory and the tiny data directory, text the error line must hold).

@@ -29,20 +29,21 @@ class GenerationVariant:
     max_passage_tokens: int = 128
     num_prefixes: int = 8
     max_new_tokens: int = 24
+    num_queries: int = 1  # samples per passage; the prefix engine shares the passage's prefill among them
 
     @classmethod
     def parse(cls, spec: str) -> GenerationVariant:
-        """``engine[-b<batch>][-e<examples>][-p<passage tokens>][-x<prefixes>][-t<new tokens>]``, e.g.
-        ``prefix-b32-e3-p96``."""
+        """``engine[-b<batch>][-e<examples>][-p<passage tokens>][-x<prefixes>][-t<new tokens>][-n<queries per passage>]``,
+        e.g. ``prefix-b32-e3-p96`` or ``prefix-b32-p96-n3``."""
         engine, *opts = spec.split("-")
         if engine not in ("generate", "prefix"):
             raise ValueError(f"variant {spec!r}: engine must be 'generate' or 'prefix'")
         fields = {"b": "batch_size", "e": "num_examples", "p": "max_passage_tokens", "x": "num_prefixes",
-                  "t": "max_new_tokens"}
+                  "t": "max_new_tokens", "n": "num_queries"}
         kwargs: dict[str, Any] = {}
         for o in opts:
             if not o or o[0] not in fields or not o[1:].isdigit():
-                raise ValueError(f"variant {spec!r}: unknown option {o!r} (use b, e, p, x, t followed by a number)")
+                raise ValueError(f"variant {spec!r}: unknown option {o!r} (use b, e, p, x, t, n followed by a number)")
             kwargs[fields[o[0]]] = int(o[1:])
         return cls(name=spec, engine=engine, **kwargs)
 
@@ -67,7 +68,7 @@ def run_variant(
     prompt = PromptConfig(num_examples=variant.num_examples, max_passage_tokens=variant.max_passage_tokens,
                           seed=seed, num_prefixes=variant.num_prefixes if variant.engine == "prefix" else 0)
     generation = GenerationConfig(temperature=temperature, max_new_tokens=variant.max_new_tokens,
-                                  batch_size=variant.batch_size, seed=seed)
+                                  batch_size=variant.batch_size, seed=seed, num_queries_per_passage=variant.num_queries)
     cls = PrefixCachedGenerator if variant.engine == "prefix" else QueryGenerator
     generator = cls(model, PromptBuilder(examples, prompt, forbidden), gguf_file=gguf_file, config=generation)
     prompt_tokens = _prompt_tokens(generator, passages)
