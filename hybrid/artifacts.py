@@ -101,7 +101,7 @@ def versions() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     """The hardware a stage ran or a benchmark was timed on: stage seconds and latencies depend on it (the same
-    ``make run`` took 35 min on one 2-core box and longer on another, EXPERIMENTS E41)."""
+    ``make run`` took 36 min on one 2-core box and 52 on another, EXPERIMENTS E41)."""
     import platform
 
     cpu, flags = "", set()

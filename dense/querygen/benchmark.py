@@ -33,8 +33,8 @@ class GenerationVariant:
 
     @classmethod
     def parse(cls, spec: str) -> GenerationVariant:
-        """``engine[-b<batch>][-e<examples>][-p<passage tokens>][-x<prefixes>][-t<new tokens>][-n<queries per passage>]``,
-        e.g. ``prefix-b32-e3-p96`` or ``prefix-b32-p96-n3``."""
+        """``engine[-b<batch>][-e<examples>][-p<passage tokens>][-x<prefixes>][-t<new tokens>][-n<queries>]``
+        (``n``: queries per passage), e.g. ``prefix-b32-e3-p96`` or ``prefix-b32-p96-n3``."""
         engine, *opts = spec.split("-")
         if engine not in ("generate", "prefix"):
             raise ValueError(f"variant {spec!r}: engine must be 'generate' or 'prefix'")
