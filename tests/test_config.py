@@ -23,6 +23,29 @@ def test_shipped_configs_load_and_their_dense_sections_validate(path):
     assert config.fusion.holdout_queries > 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_data_files_match_the_checksums_that_pin_them():
+    """The CPU config's synthetic set and expansion files, and every file README offers with a checksum, are the
+    bytes the repo holds: a regenerated file without its new checksum would make `make run` refuse it."""
+    import re
+
+    from dense.querygen.output import file_sha256
+
+    config = load_config(REPO / "configs" / "cpu-marco43k.toml")
+    pinned = {config.synthetic.precomputed: config.synthetic.precomputed_sha256,
+              config.sparse.expansion.file: config.sparse.expansion.sha256,
+              **dict(zip(config.sparse.expansion.extra_files, config.sparse.expansion.extra_sha256))}
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    offered = re.findall(r'extra_files=\["([^"]+)"\]\'\s*\\\s*'
+                         r'--set \'sparse\.expansion\.extra_sha256=\["([0-9a-f]{64})"\]', readme)
+    assert offered, "README no longer shows how to add an extra expansion file"
+    pinned.update(offered)
+    for path, sha in pinned.items():
+        assert file_sha256(REPO / path) == sha, path
+
+
 def test_unknown_keys_are_refused_with_the_section(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[fusion]\ndepht = 10\n")
