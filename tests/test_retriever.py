@@ -314,6 +314,9 @@ def test_latency_benchmark_reports_percentiles_and_the_budget_cut_rate(artifacts
     assert "bm25-only (k=100)" in table and "hybrid (k=10)" in table and "rerank (k=10)" in table
     assert raw["hybrid"]["n"] == 4 and "budget_cut_rate" not in raw["hybrid"]
     assert raw["rerank"]["budget_cut_rate"] == 1.0 and "| 100.0 |" in table
+    # nothing fits a budget of 1e-9 s: no candidate is scored, and the table says so
+    assert raw["rerank"]["candidates_scored_per_query"] == 0.0 and "scored / query" in table
+    assert "candidates_scored_per_query" not in raw["hybrid"]
     assert any(name.startswith("fusion") for name in raw["breakdown_ms"]["hybrid"])
     assert any(name.startswith("rerank") for name in raw["breakdown_ms"]["rerank"])
     assert "dense query encoding" in raw["breakdown_ms"]["dense"]
