@@ -75,7 +75,7 @@ def benchmark(artifacts: str | Path | None, queries: Sequence[str], k: int = 10,
         retriever = Retriever(mode=mode, artifacts_dir=artifacts)
         stats, budget = _timed(retriever, queries, k, warmup)
         cut_rate = budget.cut_rate if budget is not None else None
-        scored = budget.candidates_scored / budget.queries if budget is not None and budget.queries else None
+        scored = budget.scored_per_query if budget is not None else None
         raw[mode] = asdict(stats) | ({"budget_cut_rate": cut_rate, "candidates_scored_per_query": scored}
                                      if budget is not None else {})
         rows.append(_row(f"{mode} (k={k})", stats, bm25) | {"budget cut %": _percent(cut_rate),

@@ -151,6 +151,10 @@ class BudgetStats:
     def cut_rate(self) -> float:
         return self.cut / self.queries if self.queries else 0.0
 
+    @property
+    def scored_per_query(self) -> float:
+        return self.candidates_scored / self.queries if self.queries else 0.0
+
 
 class RerankingSearcher:
     """``inner``'s ranking with its top ``depth`` reordered by ``scorer`` (passage texts from ``passage_text``).
