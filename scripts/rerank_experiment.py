@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from dense.precision import PRECISIONS
+from fusion.query_likelihood import ATTENTIONS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-layers", type=int, default=None, help="early exit after this many decoder layers")
     p.add_argument("--dtype", choices=PRECISIONS, default="float32",
                    help="QL scorer precision (auto: bfloat16 on a CPU with native bf16 instructions)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
+                   help="QL scorer attention kernel (auto: eager on a CPU, sdpa on a GPU; EXPERIMENTS E46)")
     p.add_argument("--few-shot", type=int, default=0, metavar="N",
                    help="QL prompt demonstrations: N real train pairs drawn as the rerank stage draws them "
                         "(Pipeline.ql_examples; needs --train-holdout or --config)")
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         examples = tuple((e.passage, e.query) for e in drawn)
     config = QueryLikelihoodConfig(max_passage_tokens=args.max_passage_tokens, system_prompt=args.system_prompt,
                                    num_layers=args.num_layers, dtype=args.dtype, examples=examples,
+                                   attention=args.attention,
                                    **({"instruction": args.instruction} if args.instruction else {}))
     model = "smollm2-135m-instruct-full"
     if args.model_dir:  # a fine-tuned model: its weights' file time tells one training run from the next
@@ -139,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.model_dir} holds no *.safetensors or *.bin weights")
         weights = max(files, key=lambda f: f.stat().st_mtime)
         model = f"{args.model_dir.resolve()}@{weights.stat().st_mtime_ns}"
-    # the dtype joins the cache key only when it is not the default, so caches from before the field existed hold
-    # (and the examples when there are none)
+    # the dtype and attention join the cache key only when not the default, so caches from before the fields existed
+    # hold (and the examples when there are none)
     key = f"{model}:{config}".replace(", examples=()", "").replace(", dtype='float32'", "")
+    key = key.replace(", attention='sdpa'", "")
     if args.scorer == "cross_encoder":
         from fusion.cross_encoder import CrossEncoderScorer
 
