@@ -179,6 +179,17 @@ class QueryLikelihoodScorer:
                 out[start : start + len(batch)] = self.mean_logprob(batch, n_query).double().cpu().numpy()
         return out
 
+    def token_logprobs(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        """``(len(passages), query_length)`` float64 log-probabilities of each query token after each passage (an
+        empty passage: the prompt alone); :meth:`score` is their mean per row."""
+        seqs, n_query = self.sequences(query, passages)
+        out = np.empty((len(seqs), n_query), dtype=np.float64)
+        with self._torch.inference_mode():
+            for start in range(0, len(seqs), self.config.batch_size):
+                batch = seqs[start : start + self.config.batch_size]
+                out[start : start + len(batch)] = self.token_logprob(batch, n_query).double().cpu().numpy()
+        return out
+
     def sequences(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids of what follows the prompt prefix (passage, the prompt's tail, the query), and the query's
         length in tokens."""
@@ -210,7 +221,12 @@ class QueryLikelihoodScorer:
         return cache
 
     def mean_logprob(self, seqs: list[list[int]], n_query: int, cached_prefix: bool = True):
-        """``(batch,)`` tensor of mean log P(query tokens | prefix + the rest of each row).
+        """``(batch,)`` tensor of mean log P(query tokens | prefix + the rest of each row): :meth:`token_logprob`
+        averaged over the query."""
+        return self.token_logprob(seqs, n_query, cached_prefix).mean(dim=1)
+
+    def token_logprob(self, seqs: list[list[int]], n_query: int, cached_prefix: bool = True):
+        """``(batch, n_query)`` tensor of log P(query token | prefix + the rest of each row up to it).
 
         With ``cached_prefix`` the prompt prefix comes from the keys and values computed at construction (scoring);
         without, it is run again with the rows, so gradients reach every layer (training, where the cache would be
@@ -245,8 +261,7 @@ class QueryLikelihoodScorer:
         else:
             logits = torch.nn.functional.linear(states.float(), *self._head)
         logp = torch.log_softmax(logits, dim=-1)
-        token_logp = logp.gather(-1, ids[rows, target_pos].unsqueeze(-1)).squeeze(-1)
-        return token_logp.mean(dim=1)
+        return logp.gather(-1, ids[rows, target_pos].unsqueeze(-1)).squeeze(-1)
 
 
 def resolve_dtype(dtype: str, device) -> str:

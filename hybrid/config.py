@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dense.precision import PRECISIONS
+from fusion.query_likelihood import ATTENTIONS
 
 
 class ConfigError(ValueError):
@@ -199,6 +200,9 @@ class RerankConfig:
     # QL scorer precision: "float32", "bfloat16", or "auto" (bfloat16 on a CPU with native bf16 instructions, else
     # float32; fusion.query_likelihood.QueryLikelihoodConfig.dtype)
     dtype: str = "float32"
+    # QL scorer attention kernel: "sdpa", "eager", or "auto" (eager on a CPU, sdpa on a GPU;
+    # fusion.query_likelihood.QueryLikelihoodConfig.attention, EXPERIMENTS E46)
+    attention: str = "sdpa"
     # QL prompt demonstrations: this many real train (query, positive) pairs, drawn with few_shot_seed from the
     # queries the dense model trains on (never the fusion holdout, never a dev/DL query), shown before the passage
     # (fusion.query_likelihood.QueryLikelihoodConfig.examples; 0 = zero-shot, EXPERIMENTS E31)
@@ -226,6 +230,8 @@ class RerankConfig:
             raise ConfigError("rerank.default = true needs rerank.enabled = true")
         if self.dtype not in PRECISIONS:
             raise ConfigError(f"rerank.dtype must be one of {PRECISIONS}, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"rerank.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.few_shot < 0:
             raise ConfigError(f"rerank.few_shot must be >= 0, got {self.few_shot}")
         if self.few_shot and self.scorer != "ql":

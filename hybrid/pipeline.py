@@ -137,6 +137,8 @@ class Pipeline:
             del section["batch_size"]
         if section["dtype"] == "float32":
             del section["dtype"]
+        if section["attention"] == "sdpa":
+            del section["attention"]
         if not section["few_shot"]:
             del section["few_shot"], section["few_shot_seed"]
         return section

@@ -138,7 +138,7 @@ def rerank_scorer(settings: RerankSettings):
     return QueryLikelihoodScorer.from_dir(
         settings.model_dir,
         QueryLikelihoodConfig(max_passage_tokens=c.max_passage_tokens, system_prompt=c.system_prompt, dtype=c.dtype,
-                              examples=settings.examples),
+                              examples=settings.examples, attention=c.attention),
     )
 
 

@@ -145,6 +145,22 @@ def test_rerank_dtype_is_checked_and_float32_leaves_the_rerank_fingerprint_alone
         load_config(CONFIGS[0], ['rerank.dtype="float16"'])
 
 
+def test_rerank_attention_is_checked_and_sdpa_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
+
+    def pipeline(attention: str) -> Pipeline:
+        config = PipelineConfig()
+        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, attention=attention)),
+                        tmp_path / "a")
+
+    # sdpa (the default) stays out of the stage's inputs, so rerank stages built before the field still hold
+    assert "attention" not in pipeline("sdpa")._rerank_section()
+    assert pipeline("auto").inputs_fingerprint("rerank") != pipeline("sdpa").inputs_fingerprint("rerank")
+    assert pipeline("eager").inputs_fingerprint("fusion") == pipeline("sdpa").inputs_fingerprint("fusion")
+    with pytest.raises(ConfigError, match="rerank.attention"):
+        load_config(CONFIGS[0], ['rerank.attention="flash"'])
+
+
 def test_rerank_few_shot_is_checked_and_zero_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
 

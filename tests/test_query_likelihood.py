@@ -55,6 +55,18 @@ def test_scores_are_log_probabilities_of_the_query_only(tiny_lm) -> None:
         scorer.score("   ", ["a"])
 
 
+def test_token_logprobs_are_the_per_token_terms_of_the_score(tiny_lm) -> None:
+    model, tok = tiny_lm
+    scorer = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_passage_tokens=8, batch_size=3))
+    tokens = scorer.token_logprobs("where is paris", PASSAGES)
+    assert tokens.shape == (len(PASSAGES), scorer.query_length("where is paris")) and tokens.dtype == np.float64
+    assert (tokens <= 0).all()
+    np.testing.assert_allclose(tokens.mean(axis=1), scorer.score("where is paris", PASSAGES), rtol=1e-6, atol=1e-6)
+    # an empty passage: the query's log-probabilities after the prompt alone, one token at a time
+    alone = scorer.token_logprobs("where is paris", [""])
+    assert alone.shape == (1, tokens.shape[1]) and not np.allclose(alone[0], tokens[0])
+
+
 def test_query_length_is_what_the_mean_is_taken_over(tiny_lm) -> None:
     model, tok = tiny_lm
     scorer = QueryLikelihoodScorer(model, tok, QueryLikelihoodConfig(max_query_tokens=3))
@@ -157,6 +169,31 @@ def test_bfloat16_runs_the_decoder_in_bf16_and_the_head_in_float32(tiny_lm) -> N
     # bf16 keeps ~3 significant digits: close to float32, not equal
     np.testing.assert_allclose(got, want, atol=0.05)
     assert not np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("attention", ["eager", "auto"])
+def test_eager_attention_gives_the_sdpa_scores_with_padding_and_the_cached_prefix(tiny_lm, attention) -> None:
+    model, tok = tiny_lm
+    sdpa = QueryLikelihoodScorer(copy.deepcopy(model), tok, QueryLikelihoodConfig(max_passage_tokens=8, batch_size=3))
+    assert sdpa.attention == "sdpa" and sdpa.model.config._attn_implementation == "sdpa"
+    scorer = QueryLikelihoodScorer(copy.deepcopy(model), tok,
+                                   QueryLikelihoodConfig(max_passage_tokens=8, batch_size=3, attention=attention))
+    # "auto" on a CPU is eager
+    assert scorer.attention == "eager" and scorer.model.config._attn_implementation == "eager"
+    # rows of different lengths in one batch (right padding) and the prompt prefix from the cache
+    assert len({len(s) for s in scorer.sequences("where is paris", PASSAGES)[0]}) > 1
+    np.testing.assert_allclose(scorer.score("where is paris", PASSAGES), sdpa.score("where is paris", PASSAGES),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_attention_is_eager_on_a_cpu_and_sdpa_on_a_gpu() -> None:
+    import fusion.query_likelihood as ql
+
+    assert ql.resolve_attention("auto", torch.device("cpu")) == "eager"
+    assert ql.resolve_attention("auto", torch.device("cuda")) == "sdpa"
+    assert ql.resolve_attention("sdpa", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="attention"):
+        QueryLikelihoodConfig(attention="flash")
 
 
 def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_native_bf16(monkeypatch) -> None:
