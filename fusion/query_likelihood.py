@@ -25,7 +25,7 @@ from dense.precision import PRECISIONS, cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
-ATTENTIONS = ("sdpa", "eager", "eager_float32", "auto")
+ATTENTIONS = ("sdpa", "eager")
 DEFAULT_INSTRUCTION = "Write the short web search query a person would type to find the given passage."
 
 
@@ -48,12 +48,10 @@ class QueryLikelihoodConfig:
     # passage being scored as earlier turns of the same prompt (passages cut at ``max_passage_tokens``): they are part
     # of the cached prefix, so they cost attention over a longer prefix, not extra forward passes (EXPERIMENTS E31)
     examples: tuple[tuple[str, str], ...] = ()
-    # the decoder's attention kernel: "sdpa" (torch's scaled_dot_product_attention, transformers' default),
-    # "eager" (transformers' plain matrix products: in bfloat16 its attention logits and weights are rounded to bf16),
-    # "eager_float32" (the same products in float32 whatever the decoder's dtype; attention is a few MFLOP per
-    # candidate), or "auto": eager_float32 on a CPU, sdpa on a GPU. On 2 Zen 4 cores in bfloat16, sdpa's CPU kernel
-    # took ~15% of the scorer's time, and eager scored a batch of 8 candidates 1.2-1.4x faster but less precisely
-    # (EXPERIMENTS E46)
+    # the decoder's attention kernel: "sdpa" (torch's scaled_dot_product_attention, transformers' default) or
+    # "eager" (transformers' plain matrix products). On 2 Zen 4 cores in bfloat16, eager scored the top 8 of a query
+    # 1.1-1.2x faster, but its scores differ from sdpa's by bf16 rounding (0.02 nats per token), which E46 could not
+    # tell from a loss on the held-out train queries, so the shipped config keeps sdpa (EXPERIMENTS E46, E46b)
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -88,9 +86,7 @@ class QueryLikelihoodScorer:
             self.device = torch.device("cuda")
             model = model.to(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.attention = resolve_attention(config.attention, self.device)
-        if self.attention == "eager_float32":
-            _register_float32_attention()
+        self.attention = config.attention
         if getattr(model.config, "_attn_implementation", None) != self.attention:
             model.set_attn_implementation(self.attention)
         self._head: tuple | None = None  # float32 copy of the LM head when the decoder runs in bfloat16
@@ -275,39 +271,6 @@ def resolve_dtype(dtype: str, device) -> str:
     return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
 
 
-def resolve_attention(attention: str, device) -> str:
-    """``"sdpa"`` or ``"eager"`` for a :class:`QueryLikelihoodConfig` attention on ``device``."""
-    if attention != "auto":
-        return attention
-    return "eager_float32" if device.type == "cpu" else "sdpa"
-
-
-def _float32_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """transformers' eager attention (grouped keys/values repeated per query head, an additive mask) with the
-    products and the softmax in float32, the output cast back to the decoder's dtype: in a bfloat16 decoder the
-    eager kernel rounds the attention logits and weights to bf16, which moved the QL scores measurably (E46)."""
-    import torch
-
-    groups = query.shape[1] // key.shape[1]
-    keys = key.float().repeat_interleave(groups, dim=1)
-    values = value.float().repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query.float(), keys.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask.float()
-    weights = torch.nn.functional.dropout(torch.softmax(weights, dim=-1), p=dropout, training=module.training)
-    out = torch.matmul(weights, values).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
-
-
-def _register_float32_attention() -> None:
-    """Make ``attn_implementation="eager_float32"`` known to transformers (with the eager kernel's additive mask)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register("eager_float32", _float32_attention)
-    AttentionMaskInterface.register("eager_float32", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-
-
 def _decoder_of(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
@@ -323,4 +286,4 @@ def _keep_first_layers(model, n: int) -> None:
 
 
 __all__ = ["ATTENTIONS", "DEFAULT_INSTRUCTION", "QueryLikelihoodConfig", "QueryLikelihoodScorer", "cpu_has_native_bf16",
-           "resolve_attention", "resolve_dtype"]
+           "resolve_dtype"]

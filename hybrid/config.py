@@ -200,8 +200,8 @@ class RerankConfig:
     # QL scorer precision: "float32", "bfloat16", or "auto" (bfloat16 on a CPU with native bf16 instructions, else
     # float32; fusion.query_likelihood.QueryLikelihoodConfig.dtype)
     dtype: str = "float32"
-    # QL scorer attention kernel: "sdpa", "eager", or "auto" (eager on a CPU, sdpa on a GPU;
-    # fusion.query_likelihood.QueryLikelihoodConfig.attention, EXPERIMENTS E46)
+    # QL scorer attention kernel: "sdpa" or "eager" (fusion.query_likelihood.QueryLikelihoodConfig.attention;
+    # EXPERIMENTS E46: eager is a little faster on a CPU in bfloat16, not adopted)
     attention: str = "sdpa"
     # QL prompt demonstrations: this many real train (query, positive) pairs, drawn with few_shot_seed from the
     # queries the dense model trains on (never the fusion holdout, never a dev/DL query), shown before the passage

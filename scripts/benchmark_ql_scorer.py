@@ -7,8 +7,8 @@ variant's scores with the first variant's (by default the plain fp32 scorer; EXP
 A variant is '-'-separated options: base (the default scorer: E9's prompt, passages <= 160 tokens), nosys (empty
 system turn), p64 / p96 / p128 (passage limit), b1 (one candidate per batch), int8 (dynamic int8 Linear layers; add
 'body' for the decoder only, 'mlp' for the MLPs only, 'pc' for per-channel weights), bf16 (the scorer's
-dtype="bfloat16": decoder in bfloat16, LM head in float32; E10's row cast the whole model), eager / eager32 (the
-scorer's attention="eager" / "eager_float32" instead of sdpa, E46), l<N> (early exit after N layers).
+dtype="bfloat16": decoder in bfloat16, LM head in float32; E10's row cast the whole model), eager (the scorer's
+attention="eager" instead of sdpa, E46), l<N> (early exit after N layers).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ def build_scorer(model_dir: Path, variant: str):
         kwargs["dtype"] = "bfloat16"
     if "eager" in opts:
         kwargs["attention"] = "eager"
-    if "eager32" in opts:
-        kwargs["attention"] = "eager_float32"
     scorer = QueryLikelihoodScorer.from_dir(model_dir, QueryLikelihoodConfig(**kwargs))
     if "int8" in opts:
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=PRECISIONS, default="float32",
                    help="QL scorer precision (auto: bfloat16 on a CPU with native bf16 instructions)")
     p.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
-                   help="QL scorer attention kernel (auto: eager on a CPU, sdpa on a GPU; EXPERIMENTS E46)")
+                   help="QL scorer attention kernel (EXPERIMENTS E46)")
     p.add_argument("--few-shot", type=int, default=0, metavar="N",
                    help="QL prompt demonstrations: N real train pairs drawn as the rerank stage draws them "
                         "(Pipeline.ql_examples; needs --train-holdout or --config)")

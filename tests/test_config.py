@@ -155,7 +155,7 @@ def test_rerank_attention_is_checked_and_sdpa_leaves_the_rerank_fingerprint_alon
 
     # sdpa (the default) stays out of the stage's inputs, so rerank stages built before the field still hold
     assert "attention" not in pipeline("sdpa")._rerank_section()
-    assert pipeline("auto").inputs_fingerprint("rerank") != pipeline("sdpa").inputs_fingerprint("rerank")
+    assert pipeline("eager").inputs_fingerprint("rerank") != pipeline("sdpa").inputs_fingerprint("rerank")
     assert pipeline("eager").inputs_fingerprint("fusion") == pipeline("sdpa").inputs_fingerprint("fusion")
     with pytest.raises(ConfigError, match="rerank.attention"):
         load_config(CONFIGS[0], ['rerank.attention="flash"'])
