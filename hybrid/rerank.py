@@ -161,8 +161,9 @@ class RerankingSearcher:
 
     ``time_budget_s`` (``None``: no limit) caps the seconds each query spends on scoring. Candidates are scored
     up to ``batch_size`` at a time (one by default; a GPU scores a batch in about the time of one), best first;
-    before each batch, the searcher takes the slowest cost per candidate seen so far and scores as many of the next
-    candidates as would still finish inside the budget (fewer than ``batch_size`` when that is all that fits), and
+    before each batch, the searcher takes the slowest cost per candidate seen so far in this query (before the first,
+    that of the last query's largest batch) and scores as many of the next candidates as would still finish inside
+    the budget (fewer than ``batch_size`` when that is all that fits), and
     stops when not even one would. The candidates scored by then (a prefix of the top) are reordered
     as :func:`rerank_with_scores` does with that shorter depth, and the rest keep ``inner``'s order below them, so the
     answer is always one consistent ranking. The clock starts when reranking starts (after the first stage) and
@@ -187,7 +188,7 @@ class RerankingSearcher:
         # the scorer's tokenizer cannot be shared by threads ("Already borrowed"); the model runs on all cores anyway
         self._lock = threading.Lock()
         self._queries = self._cut = self._scored = 0
-        self._cost_estimate = 0.0  # seconds per candidate: the slowest of the last query, the guess for the next
+        self._cost_estimate = 0.0  # seconds per candidate in the last query's largest batch: the guess for the next
 
     def search(self, query: str, k: int) -> Ranking:
         if k < 1:
@@ -234,13 +235,18 @@ class RerankingSearcher:
         """Scores of the longest prefix of ``texts`` that fits the budget (all of them without one).
 
         The cost of a candidate is taken to be the slowest per-candidate cost measured in this query (a batch's time
-        over its size); before the first batch, the last query's. Each batch holds ``batch_size`` candidates or, when
-        fewer fit in the time left, that many (E22: on a box where a batch of 5 took ~0.85 s against the 0.75-s
-        budget, 4.45 of 5 were scored per dev query instead of 5 or none, p95 854 ms). A query that scores nothing
-        shrinks the guess by ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for good, yet a machine
-        on which not even one candidate fits retries only every ~20 queries, not every third as halving did (E19)."""
+        over its size); before the first batch, the per-candidate cost of the last query's largest batch. Each batch
+        holds ``batch_size`` candidates or, when fewer fit in the time left, that many (E22: on a box where a batch of
+        5 took ~0.85 s against the 0.75-s budget, 4.45 of 5 were scored per dev query instead of 5 or none, p95 854
+        ms). The guess carried to the next query is the largest batch's, not the slowest: a batch has a fixed cost
+        besides its candidates, so a short batch that filled the end of the budget costs more per candidate than the
+        next query's first batch will, and carrying it over shrank that batch query after query (E49). A query that
+        scores nothing shrinks the guess by ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for
+        good, yet a machine on which not even one candidate fits retries only every ~20 queries, not every third as
+        halving did (E19)."""
         scores: list[float] = []
         per_candidate = self._cost_estimate
+        largest = (0, 0.0)  # (size, cost per candidate) of this query's largest batch so far
         begin = 0
         while begin < len(texts):
             size = min(self.batch_size, len(texts) - begin)
@@ -259,9 +265,11 @@ class RerankingSearcher:
                 raise ValueError(f"the scorer returned {new.shape} scores for {len(batch)} passages")
             cost = (self._clock() - before) / len(batch)
             per_candidate = cost if not scores else max(per_candidate, cost)
+            if len(batch) > largest[0]:
+                largest = (len(batch), cost)
             scores.extend(float(x) for x in new)
             begin += size
-        self._cost_estimate = per_candidate if scores else self._cost_estimate * self.ESTIMATE_DECAY
+        self._cost_estimate = largest[1] if scores else self._cost_estimate * self.ESTIMATE_DECAY
         return scores
 
 

@@ -207,6 +207,39 @@ def test_a_batch_that_no_longer_fits_shrinks_to_what_does():
     assert (stats.queries, stats.cut, stats.candidates_scored) == (2, 1, 9)
 
 
+def test_the_next_query_is_sized_by_the_largest_batch_not_by_a_short_trailing_one():
+    """A batch costs a fixed part plus a part per candidate, so a short batch at the end of the budget costs more per
+    candidate than a full one: carried over, its cost would shrink the next query's first batch (E49)."""
+
+    class OverheadScorer:
+        def __init__(self, clock: FakeClock) -> None:
+            self.clock, self.sizes = clock, []
+
+        def score(self, query, passages):
+            self.sizes.append(len(passages))
+            self.clock.now += 0.05 + 0.1 * len(passages)  # 50 ms per call, 100 ms per candidate
+            return np.array([float(p[1:]) for p in passages])
+
+    clock = FakeClock()
+    scorer = OverheadScorer(clock)
+    searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=8, weight=None, time_budget_s=0.75,
+                                 clock=clock, batch_size=8)
+    searcher.search("q1", 8)  # no estimate yet: all 8 in one batch (0.85 s), 0.10625 s per candidate
+    for q in ("q2", "q3", "q4"):
+        searcher.search(q, 8)
+    # each later query: 7 x 0.10625 = 0.74 s fits; the batch of 7 then takes 0.75 s (0.107 s per candidate) and
+    # nothing is left for a trailing batch; the next query is sized by that batch again, so it stays at 7
+    assert scorer.sizes == [8, 7, 7, 7]
+    scorer.sizes.clear()
+    slow = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=8, weight=None, time_budget_s=0.9,
+                             clock=clock, batch_size=8)
+    slow.search("q1", 8)  # one batch of 8 (0.85 s)
+    slow.search("q2", 8)  # 8 fit by the guess (0.85 s) ...
+    slow._cost_estimate = 0.1  # ... say the box got faster: 9 would be guessed to fit, the depth caps it at 8
+    slow.search("q3", 8)
+    assert scorer.sizes == [8, 8, 8]
+
+
 def test_the_budget_runs_on_the_real_clock():
     class SleepingScorer:
         def score(self, query, passages):
