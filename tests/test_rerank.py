@@ -240,6 +240,28 @@ def test_the_next_query_is_sized_by_the_largest_batch_not_by_a_short_trailing_on
     assert scorer.sizes == [8, 8, 8]
 
 
+def test_a_warm_up_sizes_the_first_query_and_is_not_counted():
+    class CountingScorer(TimedScorer):
+        sizes: list[int]
+
+        def score(self, query, passages):
+            self.sizes.append(len(passages))
+            return super().score(query, passages)
+
+    clock = FakeClock()
+    scorer = CountingScorer(clock, [0.17])
+    scorer.sizes = []
+    searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=0.75,
+                                 clock=clock, batch_size=5)
+    searcher.warm_up("any query", size=2)  # 2 candidates at 0.17 s: the guess
+    assert scorer.sizes == [2] and searcher.budget_stats().queries == 0
+    searcher.search("q1", 8)  # without the warm-up all 5 would be scored (0.85 s, over the budget), as in
+    assert scorer.sizes == [2, 4]  # test_a_batch_that_no_longer_fits_shrinks_to_what_does; now the 4 that fit
+    assert searcher.budget_stats().candidates_scored == 4
+    with pytest.raises(ValueError, match="size"):
+        searcher.warm_up("q", size=0)
+
+
 def test_the_budget_runs_on_the_real_clock():
     class SleepingScorer:
         def score(self, query, passages):
