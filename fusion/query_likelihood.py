@@ -50,8 +50,8 @@ class QueryLikelihoodConfig:
     examples: tuple[tuple[str, str], ...] = ()
     # the decoder's attention kernel: "sdpa" (torch's scaled_dot_product_attention, transformers' default) or
     # "eager" (transformers' plain matrix products). On 2 Zen 4 cores in bfloat16, eager scored the top 8 of a query
-    # 1.1-1.2x faster, but its scores differ from sdpa's by bf16 rounding (0.02 nats per token), which E46 could not
-    # tell from a loss on the held-out train queries, so the shipped config keeps sdpa (EXPERIMENTS E46, E46b)
+    # 1.1-1.2x faster, but its scores differ from sdpa's by bf16 rounding (0.02 nats per token) and its holdout
+    # MRR@10 over the top 20 was lower (p = 0.02), so the shipped config keeps sdpa (EXPERIMENTS E46, E46b)
     attention: str = "sdpa"
 
     def __post_init__(self) -> None:
