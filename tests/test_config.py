@@ -128,37 +128,26 @@ def test_no_setting_outside_evaluation_names_an_evaluation_split(config):
     assert leaks == {}
 
 
-def test_rerank_dtype_is_checked_and_float32_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("field", "default", "others", "bad"), [
+    ("dtype", "float32", ("auto", "bfloat16"), "float16"),
+    ("attention", "sdpa", ("eager",), "flash"),
+])
+def test_rerank_scorer_settings_are_checked_and_their_defaults_leave_the_rerank_fingerprint_alone(
+        tmp_path, monkeypatch, field, default, others, bad):
     monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
 
-    def pipeline(dtype: str) -> Pipeline:
+    def pipeline(value: str) -> Pipeline:
         config = PipelineConfig()
-        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, dtype=dtype)),
+        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, **{field: value})),
                         tmp_path / "a")
 
-    # float32 (the default) stays out of the stage's inputs, so rerank stages built before the field still hold
-    assert "dtype" not in pipeline("float32")._rerank_section()
-    fp32 = pipeline("float32").inputs_fingerprint("rerank")
-    assert pipeline("auto").inputs_fingerprint("rerank") != fp32 != pipeline("bfloat16").inputs_fingerprint("rerank")
-    assert pipeline("auto").inputs_fingerprint("fusion") == pipeline("float32").inputs_fingerprint("fusion")
-    with pytest.raises(ConfigError, match="rerank.dtype"):
-        load_config(CONFIGS[0], ['rerank.dtype="float16"'])
-
-
-def test_rerank_attention_is_checked_and_sdpa_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSMARCO_DIR", str(tmp_path))
-
-    def pipeline(attention: str) -> Pipeline:
-        config = PipelineConfig()
-        return Pipeline(dataclasses.replace(config, rerank=dataclasses.replace(config.rerank, attention=attention)),
-                        tmp_path / "a")
-
-    # sdpa (the default) stays out of the stage's inputs, so rerank stages built before the field still hold
-    assert "attention" not in pipeline("sdpa")._rerank_section()
-    assert pipeline("eager").inputs_fingerprint("rerank") != pipeline("sdpa").inputs_fingerprint("rerank")
-    assert pipeline("eager").inputs_fingerprint("fusion") == pipeline("sdpa").inputs_fingerprint("fusion")
-    with pytest.raises(ConfigError, match="rerank.attention"):
-        load_config(CONFIGS[0], ['rerank.attention="flash"'])
+    # the default stays out of the stage's inputs, so rerank stages built before the field existed still hold
+    assert field not in pipeline(default)._rerank_section()
+    prints = {value: pipeline(value).inputs_fingerprint("rerank") for value in (default, *others)}
+    assert len(set(prints.values())) == len(prints)
+    assert pipeline(others[0]).inputs_fingerprint("fusion") == pipeline(default).inputs_fingerprint("fusion")
+    with pytest.raises(ConfigError, match=f"rerank.{field}"):
+        load_config(CONFIGS[0], [f'rerank.{field}="{bad}"'])
 
 
 def test_rerank_few_shot_is_checked_and_zero_leaves_the_rerank_fingerprint_alone(tmp_path, monkeypatch):

@@ -183,19 +183,22 @@ def test_the_last_query_cost_guards_the_first_candidate_and_recovers():
     assert searcher.budget_stats().queries == 0
 
 
+class SizeCountingScorer(TimedScorer):
+    """A :class:`TimedScorer` that records the size of each batch it is asked to score."""
+
+    def __init__(self, clock: FakeClock, costs: list[float]) -> None:
+        super().__init__(clock, costs)
+        self.sizes: list[int] = []
+
+    def score(self, query, passages):
+        self.sizes.append(len(passages))
+        return super().score(query, passages)
+
+
 def test_a_batch_that_no_longer_fits_shrinks_to_what_does():
     """A machine where the whole batch costs more than the budget reranks the prefix that fits, not nothing."""
-
-    class CountingScorer(TimedScorer):
-        sizes: list[int]
-
-        def score(self, query, passages):
-            self.sizes.append(len(passages))
-            return super().score(query, passages)
-
     clock = FakeClock()
-    scorer = CountingScorer(clock, [0.17])
-    scorer.sizes = []
+    scorer = SizeCountingScorer(clock, [0.17])
     searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=0.75,
                                  clock=clock, batch_size=5)
     searcher.search("q1", 8)  # no estimate yet: the whole batch of 5 is scored (0.85 s, over the budget)
@@ -241,16 +244,8 @@ def test_the_next_query_is_sized_by_the_largest_batch_not_by_a_short_trailing_on
 
 
 def test_a_warm_up_sizes_the_first_query_and_is_not_counted():
-    class CountingScorer(TimedScorer):
-        sizes: list[int]
-
-        def score(self, query, passages):
-            self.sizes.append(len(passages))
-            return super().score(query, passages)
-
     clock = FakeClock()
-    scorer = CountingScorer(clock, [0.17])
-    scorer.sizes = []
+    scorer = SizeCountingScorer(clock, [0.17])
     searcher = RerankingSearcher(FixedBase(), scorer, lambda p: list(p), depth=5, weight=None, time_budget_s=0.75,
                                  clock=clock, batch_size=5)
     searcher.warm_up("any query", size=2)  # 2 candidates at 0.17 s: the guess
