@@ -171,24 +171,22 @@ class QueryLikelihoodScorer:
         """Mean log-probability of the query's tokens after each passage; float64, one per passage."""
         if not passages:
             return np.zeros(0, dtype=np.float64)
-        seqs, n_query = self.sequences(query, passages)
-        out = np.empty(len(seqs), dtype=np.float64)
-        with self._torch.inference_mode():
-            for start in range(0, len(seqs), self.config.batch_size):
-                batch = seqs[start : start + self.config.batch_size]
-                out[start : start + len(batch)] = self.mean_logprob(batch, n_query).double().cpu().numpy()
-        return out
+        return self._in_batches(query, passages, self.mean_logprob)
 
     def token_logprobs(self, query: str, passages: Sequence[str]) -> np.ndarray:
         """``(len(passages), query_length)`` float64 log-probabilities of each query token after each passage (an
         empty passage: the prompt alone); :meth:`score` is their mean per row."""
+        if not passages:
+            return np.zeros((0, self.query_length(query)), dtype=np.float64)
+        return self._in_batches(query, passages, self.token_logprob)
+
+    def _in_batches(self, query: str, passages: Sequence[str], rows) -> np.ndarray:
+        """``rows(batch, n_query)`` over the passages' sequences, ``batch_size`` at a time, stacked as float64."""
         seqs, n_query = self.sequences(query, passages)
-        out = np.empty((len(seqs), n_query), dtype=np.float64)
         with self._torch.inference_mode():
-            for start in range(0, len(seqs), self.config.batch_size):
-                batch = seqs[start : start + self.config.batch_size]
-                out[start : start + len(batch)] = self.token_logprob(batch, n_query).double().cpu().numpy()
-        return out
+            parts = [rows(seqs[start : start + self.config.batch_size], n_query).double().cpu().numpy()
+                     for start in range(0, len(seqs), self.config.batch_size)]
+        return np.concatenate(parts)
 
     def sequences(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids of what follows the prompt prefix (passage, the prompt's tail, the query), and the query's
