@@ -238,8 +238,9 @@ class RerankingSearcher:
         if not head:
             return ranking
         texts = self.passage_text([p for p, _ in head])
+        before_lock = self._clock()
         with self._lock:
-            scores = self._score_within_budget(query, texts, start)
+            scores = self._score_within_budget(query, texts, start, waited=self._clock() - before_lock)
             self._queries += 1
             self._cut += len(scores) < len(head)
             self._scored += len(scores)
@@ -247,7 +248,7 @@ class RerankingSearcher:
             return ranking
         return rerank_with_scores(ranking, np.asarray(scores, dtype=np.float64), len(scores), self.weight)
 
-    def _score_within_budget(self, query: str, texts: list[str], start: float) -> list[float]:
+    def _score_within_budget(self, query: str, texts: list[str], start: float, waited: float = 0.0) -> list[float]:
         """Scores of the longest prefix of ``texts`` that fits the budget (all of them without one).
 
         The cost of a candidate is taken to be the slowest per-candidate cost measured in this query (a batch's time
@@ -259,9 +260,13 @@ class RerankingSearcher:
         next query's first batch will, and carrying it over shrank that batch query after query (E49). A query that
         scores nothing shrinks the guess by ``ESTIMATE_DECAY``, so one slow spell cannot switch reranking off for
         good, yet a machine on which not even one candidate fits retries only every ~20 queries, not every third as
-        halving did (E19)."""
+        halving did (E19). A query that scored nothing only because it waited ``waited`` seconds for the scorer (another
+        thread's query) leaves the guess alone: the wait says nothing about the cost of a candidate, and under
+        concurrent calls the decay would otherwise shrink the guess once per waiting thread."""
         scores: list[float] = []
         per_candidate = self._cost_estimate
+        wait_cut = (self.time_budget_s is not None and per_candidate > 0
+                    and self.time_budget_s - (self._clock() - start) + waited >= per_candidate)
         largest = (0, 0.0)  # (size, cost per candidate) of this query's largest batch so far
         begin = 0
         while begin < len(texts):
@@ -285,7 +290,10 @@ class RerankingSearcher:
                 largest = (len(batch), cost)
             scores.extend(float(x) for x in new)
             begin += size
-        self._cost_estimate = largest[1] if scores else self._cost_estimate * self.ESTIMATE_DECAY
+        if scores:
+            self._cost_estimate = largest[1]
+        elif not wait_cut:
+            self._cost_estimate *= self.ESTIMATE_DECAY
         return scores
 
 

@@ -7,6 +7,7 @@ built once in ``__init__``; ``search`` checks its arguments, makes one call to t
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from dense.interfaces import check_queries
 from hybrid.artifacts import ArtifactError, artifacts_dir, require_stage, stage_dir
 from hybrid.searchers import MODES, RerankSettings, Searcher, build_searcher
+from sparse.bm25 import MAX_QUERY_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +32,18 @@ class Result:
 
 
 def _check_query(query: object) -> str:
+    """The query every mode searches: cut at ``MAX_QUERY_CHARS`` characters, as BM25 cuts it anyway, so the dense
+    encoder and the reranker do not tokenize megabytes to keep their first 32 tokens."""
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, got {type(query).__name__}")
     if not query.strip():
         raise ValueError("query is empty or whitespace only; pass the text to search for")
+    query = query[:MAX_QUERY_CHARS]
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: neither Lucene nor the tokenizers accept it
+        raise ValueError(f"query is not valid Unicode text ({e.reason} at character {e.start}); "
+                         "decode the bytes it came from with errors='replace'") from None
     return query
 
 
@@ -42,11 +52,12 @@ def _check_queries(queries: object) -> list[str]:
 
 
 def _check_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    """``k`` as a plain int; any integer type is accepted (e.g. numpy's), floats and bools are not."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return k
+    return int(k)
 
 
 class Retriever:
@@ -61,7 +72,8 @@ class Retriever:
     ``<repo>/artifacts``); it may be copied or moved as a whole.
 
     ``searcher`` is the mode's composed searcher (``(pid, score)`` rankings); the answer to ``search(q, k)`` is the
-    first ``k`` of one ranking per query, whatever ``k`` is (up to the candidates a mode has).
+    first ``k`` of one ranking per query, whatever ``k`` is (up to the candidates a mode has), except where the
+    ``rerank`` mode's time budget binds: then how many candidates are reordered depends on the time each call measures.
     """
 
     def __init__(self, mode: str | None = None, artifacts_dir: str | Path | None = None) -> None:

@@ -21,9 +21,13 @@ Ranking = list[tuple[str, float]]
 
 MSMARCO_K1 = 0.82
 MSMARCO_B = 0.68
-# Lucene refuses Boolean queries with more than 1024 clauses; MS MARCO queries are < 200 characters, so a
-# query is cut to this many characters before analysis (a 100 KB query is still answered, from its start).
+# MS MARCO queries are < 200 characters; a longer query is cut to this many characters before analysis (a 100 KB
+# query is still answered, from its start).
 MAX_QUERY_CHARS = 2000
+# Lucene refuses a Boolean query with more clauses than its (JVM-wide) limit, 1024 by default, and Anserini makes one
+# clause per distinct analysed term: a CJK character is a term of its own, so a 1,100-character Chinese query raised
+# TooManyClauses. A cut query has at most MAX_QUERY_CHARS terms; the limit is raised to that when a searcher opens.
+MAX_CLAUSES = MAX_QUERY_CHARS
 
 
 class BM25Searcher:
@@ -34,6 +38,9 @@ class BM25Searcher:
         self.manifest = read_manifest(self.index_dir)
         self.threads = threads
         self.k1, self.b = k1, b
+        index_searcher = autoclass("org.apache.lucene.search.IndexSearcher")
+        if index_searcher.getMaxClauseCount() < MAX_CLAUSES:
+            index_searcher.setMaxClauseCount(MAX_CLAUSES)
         searcher_cls = autoclass("io.anserini.search.SimpleSearcher")
         self._searcher = searcher_cls(str(self.index_dir / "lucene"))
         self._searcher.set_bm25(float(k1), float(b))

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import pytest
 from retriever_fixture import FUSION_DEPTH, RERANK_DEPTH
 
@@ -23,6 +24,7 @@ from hybrid.msmarco import read_collection
 from hybrid.pipeline import UPSTREAM
 from hybrid.rerank import RerankingSearcher
 from hybrid.searchers import RerankSettings
+from sparse.bm25 import MAX_QUERY_CHARS
 
 MODES = ("sparse", "dense", "rrf", "convex", "hybrid", "rerank")
 _cache: dict[tuple[str, str], Retriever] = {}
@@ -95,6 +97,9 @@ def test_bad_input_errors(tiny_artifacts):
         r.search("oslo", 0)
     with pytest.raises(TypeError, match="k must be an int"):
         r.search("oslo", 2.5)
+    assert r.search("oslo", np.int64(2)) == r.search("oslo", 2)  # any integer type
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        r.search("oslo \ud800", 3)  # a lone surrogate: Lucene and the tokenizers cannot take it
     with pytest.raises(TypeError, match="query must be a str"):
         r.batch_search(["oslo", None], 3)
     with pytest.raises(ValueError, match="unknown mode"):
@@ -105,6 +110,15 @@ def test_bad_input_errors(tiny_artifacts):
 def test_odd_queries_are_searched_as_plain_text(tiny_artifacts, query):
     results = retriever(tiny_artifacts, "hybrid").search(query, 3)
     assert isinstance(results, list) and len(results) <= 3
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rerank"])
+def test_a_long_query_is_searched_as_its_first_characters_in_every_stage(tiny_artifacts, mode):
+    """BM25 cut a long query at MAX_QUERY_CHARS; the dense encoder and the reranker tokenized all of it (0.8 s for
+    1 MB) to keep 32 tokens. Every stage now gets the cut query, so what follows the cut changes nothing."""
+    r = retriever(tiny_artifacts, mode)
+    head = "oslo " * (MAX_QUERY_CHARS // 5)
+    assert r.search(head + "bergen fjord " * 1000, 5) == r.search(head, 5)
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "rerank"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse.bm25 import BM25Searcher
+from sparse.bm25 import MAX_QUERY_CHARS, BM25Searcher
 from sparse.index import IndexBuildError, IndexConfig, build_index, read_manifest
 from sparse.jvm import VECTOR_MODULE_OPTION, start_jvm
 
@@ -127,6 +127,14 @@ def test_odd_queries_are_plain_text(toy_searcher, query, words):
     assert hits == (toy_searcher.search(words, 5) if words else [])
     if "coffee" in words:
         assert hits[0][0] == "12"
+
+
+def test_a_query_of_many_distinct_terms_is_answered(toy_searcher):
+    """Each CJK character is a term, and a clause, of its own: more than Lucene's default 1,024 used to raise
+    TooManyClauses. A query cut at MAX_QUERY_CHARS has at most that many terms, and that many are allowed."""
+    query = "coffee " + "".join(chr(0x4E00 + i) for i in range(MAX_QUERY_CHARS))
+    assert toy_searcher.search(query, 3)[0][0] == "12"
+    assert toy_searcher.batch_search([query, "dog"], 3)[0] == toy_searcher.search(query, 3)
 
 
 def test_batch_search_matches_single_search(toy_searcher):
