@@ -544,6 +544,24 @@ def test_fewshot_examples_leave_out_the_heldout_queries(tmp_path: Path) -> None:
         fewshot_examples(inputs, [e.qid for e in EXAMPLES])
 
 
+def test_a_train_query_equal_to_a_dev_query_is_left_out_of_the_fewshot_pool_not_fatal(tmp_path: Path) -> None:
+    """MS MARCO's splits share some query strings: at full scale a few train queries equal a dev one. They must be
+    left out of the few-shot pool, not stop the stage (PromptBuilder refuses any forbidden example it is given)."""
+    from dense.querygen.pipeline import StageInputs, fewshot_examples
+
+    (tmp_path / "collection.tsv").write_text("".join(f"{p}\t{t}\n" for p, t in PASSAGES.items()))
+    (tmp_path / "queries.train.tsv").write_text("".join(f"{e.qid}\t{e.query}\n" for e in EXAMPLES))
+    (tmp_path / "qrels.train.txt").write_text("".join(f"{e.qid} 0 {e.pid} 1\n" for e in EXAMPLES))
+    (tmp_path / "queries.dev.tsv").write_text("9001\tHow long is a Marathon?\n")  # 104's text, cased and punctuated
+    inputs = StageInputs(tmp_path / "collection.tsv", tmp_path / "queries.train.tsv", tmp_path / "qrels.train.txt")
+    forbidden = ForbiddenQueries.from_files([tmp_path / "queries.dev.tsv"])
+    with pytest.raises(ForbiddenExampleError, match="104"):
+        PromptBuilder(fewshot_examples(inputs), PromptConfig(num_examples=2), forbidden)
+    pool = fewshot_examples(inputs, forbidden=forbidden)
+    assert sorted(e.qid for e in pool) == ["101", "102", "103"]
+    PromptBuilder(pool, PromptConfig(num_examples=2), forbidden)  # builds
+
+
 def test_the_cache_key_does_not_depend_on_where_the_model_is_installed(tiny_model_dir: Path, tmp_path: Path) -> None:
     import shutil
 

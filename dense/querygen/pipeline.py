@@ -49,8 +49,13 @@ def select_passages(collection: Path, max_passages: int | None, sample_seed: int
     return {pid: text for pid, text in iter_tsv(collection) if pid in chosen}
 
 
-def fewshot_examples(inputs: StageInputs, exclude_qids: Collection[str] = ()) -> list[FewShotExample]:
-    """Real train pairs with their positive in the collection, minus ``exclude_qids`` (the held-out queries)."""
+def fewshot_examples(
+    inputs: StageInputs, exclude_qids: Collection[str] = (), forbidden: ForbiddenQueries | None = None,
+) -> list[FewShotExample]:
+    """Real train pairs with their positive in the collection, minus ``exclude_qids`` (the held-out queries) and
+    minus those ``forbidden`` refuses (a train query whose text equals a dev/DL query: MS MARCO's splits share some
+    query strings, so at full scale a few of ~500k train queries do, and :class:`PromptBuilder` would refuse the
+    whole pool for one of them)."""
     if inputs.train_queries is None or inputs.train_qrels is None:
         raise ValueError("few-shot examples need train queries and qrels")
     # Few-shot positives may lie outside the sampled passages: read just those from the collection.
@@ -58,6 +63,12 @@ def fewshot_examples(inputs: StageInputs, exclude_qids: Collection[str] = ()) ->
     pool = read_tsv(inputs.collection, ids=positives)
     excluded = set(exclude_qids)
     examples = [e for e in train_examples(pool, inputs.train_queries, inputs.train_qrels) if e.qid not in excluded]
+    if forbidden is not None:
+        allowed = [e for e in examples if forbidden.why_forbidden(e.qid, e.query) is None]
+        if len(allowed) < len(examples):
+            logger.info("few-shot pool: %d of %d train examples left out (their query equals a dev/DL query)",
+                        len(examples) - len(allowed), len(examples))
+        examples = allowed
     if not examples:
         raise ValueError("no few-shot example is left after excluding the held-out train queries")
     return examples
@@ -121,7 +132,7 @@ def run_llm(
         raise ValueError("run_llm needs train queries and qrels for the few-shot examples")
     start = time.perf_counter()
     forbidden = ForbiddenQueries.from_files(inputs.forbid_queries)
-    examples = fewshot_examples(inputs, exclude_qids)
+    examples = fewshot_examples(inputs, exclude_qids, forbidden)
     builder = PromptBuilder(examples, prompt, forbidden)
     if prompt.num_prefixes:
         from dense.querygen.prefix_generator import PrefixCachedGenerator
