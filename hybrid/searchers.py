@@ -79,12 +79,16 @@ def sparse_index_stage(root: Path) -> str:
 
 def bm25_searcher(root: Path):
     """The BM25 searcher of the sparse and fused modes (:func:`sparse_index_stage`), with the k1 and b it was
-    configured with."""
+    configured with, and the config's ``sparse.threads`` for ``batch_search`` (the A10G recipe's 16 when it mines the
+    cross-encoder's negatives and evaluates; 2, the searcher's default, when a stage recorded none)."""
     from sparse.bm25 import MSMARCO_B, MSMARCO_K1, BM25Searcher
 
     stage = sparse_index_stage(root)
     manifest = require_stage(root, stage)
-    return BM25Searcher(stage_dir(root, stage), k1=manifest.get("k1", MSMARCO_K1), b=manifest.get("b", MSMARCO_B))
+    config = manifest.get("config") or {}
+    threads = int(config.get("sparse", config).get("threads") or 2)  # bm25 records its section, bm25_expanded all
+    return BM25Searcher(stage_dir(root, stage), k1=manifest.get("k1", MSMARCO_K1), b=manifest.get("b", MSMARCO_B),
+                        threads=threads)
 
 
 def dense_searcher(root: Path, search_depth: int | None = None):

@@ -212,6 +212,19 @@ def test_a_rebuilt_upstream_stage_makes_the_retriever_refuse(artifacts_copy, cha
         Retriever(mode=mode, artifacts_dir=artifacts_copy)
 
 
+def test_the_bm25_searcher_uses_the_configured_lucene_threads(artifacts_copy):
+    """``sparse.threads`` (16 in the A10G recipe) reaches the searcher the fused modes, the evaluation and the
+    cross-encoder's negative mining use, not only the pipeline's own."""
+    from hybrid.searchers import bm25_searcher, sparse_index_stage
+
+    stage = sparse_index_stage(artifacts_copy)
+    record = read_stage(artifacts_copy, stage)
+    config = record["config"]
+    config.get("sparse", config)["threads"] = 3
+    write_json_atomic(stage_dir(artifacts_copy, stage) / STAGE_FILE, record)
+    assert bm25_searcher(artifacts_copy).threads == 3
+
+
 def test_the_sparse_and_fused_modes_search_the_expanded_index_and_return_the_original_text(tiny_artifacts):
     collection = dict(read_collection(tiny_artifacts.data / "collection.tsv"))
     first = next(iter(tiny_artifacts.expanded))  # the only passage whose expansion holds "zanzibar"
