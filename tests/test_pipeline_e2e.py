@@ -330,3 +330,30 @@ def test_few_shot_rerank_stage_draws_train_demonstrations_the_retriever_uses(bui
     path.write_text(json.dumps({**json.loads(path.read_text()), "examples": examples[:1]}))
     with pytest.raises(ArtifactError, match="few-shot examples"):
         RerankSettings.read(root)
+
+
+def test_a_killed_evaluation_resumes_and_a_forced_one_starts_over(built, tmp_path, monkeypatch):
+    """The evaluate stage reuses the metrics a killed run of the same inputs finished (hours of searching on the
+    A10G recipe), but a deliberate rerun of a finished evaluation (--force) searches again."""
+    import shutil
+
+    import hybrid.report
+    from hybrid.artifacts import STAGE_FILE
+
+    pipeline, _, _ = built
+    root = tmp_path / "artifacts"
+    shutil.copytree(pipeline.root, root)
+    searched = []
+
+    def no_search(searcher, queries, qrels, *, name, **kwargs):
+        searched.append(name)
+        raise RuntimeError(f"{name} was searched again")
+
+    monkeypatch.setattr(hybrid.report, "evaluate_searcher", no_search)
+    (root / "eval" / STAGE_FILE).unlink()  # killed after every mode's metrics were written, before the stage record
+    again = Pipeline(pipeline.config, root)
+    assert not again.up_to_date("evaluate")
+    assert set(again.run(["evaluate"])["evaluate"]["tables"]) == {"dev", "dl19"} and searched == []
+    with pytest.raises(RuntimeError, match="searched again"):
+        Pipeline(pipeline.config, root).run(["evaluate"], force=["evaluate"])
+    assert len(searched) == 1
