@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from dense.atomic import write_json_atomic
+from dense.atomic import remove_dead_temporaries, write_json_atomic
 from dense.corpus_encoding import PIDS_FILE, EncodedCorpus, check_expected, read_json
 from dense.interfaces import ArtifactMismatchError, IncompleteArtifactError
 
@@ -149,6 +149,7 @@ def save_index(index: faiss.Index, directory: str | Path, manifest: Mapping[str,
     directory.mkdir(parents=True, exist_ok=True)
     # Remove the old manifest first: a kill between the two writes must not pair a new index with an old manifest.
     (directory / INDEX_MANIFEST_FILE).unlink(missing_ok=True)
+    remove_dead_temporaries(directory / INDEX_FILE)  # a killed earlier save's partial index (tens of GB at full scale)
     tmp = directory / f"{INDEX_FILE}.tmp-{os.getpid()}"
     try:
         faiss.write_index(_to_cpu(index), str(tmp))

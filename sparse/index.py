@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dense.atomic import remove_dead_temporaries
 from sparse.jvm import anserini_jar, java_executable
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def build_index(
     loaders compare against to decide whether the index is up to date.
     """
     index_dir = Path(index_dir)
+    remove_dead_temporaries(index_dir)  # a killed earlier build's JSONL input and partial index
     tmp = index_dir.with_name(f"{index_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dense.atomic import atomic_directory, atomic_file, copy_file_atomic, write_json_atomic, write_text_atomic
+from dense.atomic import (
+    atomic_directory,
+    atomic_file,
+    copy_file_atomic,
+    remove_dead_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class Unserialisable:
@@ -89,3 +97,24 @@ def test_the_write_audit_tells_in_place_writes_from_atomic_ones(tmp_path: Path) 
     assert sorted(writes.in_place) == ["in_place.npy", "in_place.txt"]
     assert writes.appended == ["journal.jsonl"]
     assert len(writes.atomic) == 2 and all(".tmp-" in p for p in writes.atomic)
+
+
+def test_a_killed_writers_temporaries_are_removed_a_live_ones_kept(tmp_path: Path) -> None:
+    """SIGKILL skips the clean-up of ``<target>.tmp-<pid>``; the next writer of the same target removes it, unless
+    that pid still runs (a concurrent writer), and leaves other targets' files alone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    target = tmp_path / "index.faiss"
+    (tmp_path / f"index.faiss.tmp-{dead.pid}").write_bytes(b"partial")
+    (tmp_path / f"lucene.tmp-{dead.pid}").mkdir()  # another target's
+    (tmp_path / f"index.faiss.tmp-{os.getppid()}").write_bytes(b"live")  # a running process's
+    assert remove_dead_temporaries(target) == [tmp_path / f"index.faiss.tmp-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"lucene.tmp-{dead.pid}",
+                                                                f"index.faiss.tmp-{os.getppid()}"])
+    stale_dir = tmp_path / f"out.tmp-{dead.pid}"
+    (stale_dir / "sub").mkdir(parents=True)
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert not stale_dir.exists() and (tmp_path / "out" / "x").read_text() == "x"
