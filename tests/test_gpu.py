@@ -156,3 +156,15 @@ def test_query_likelihood_scores_on_cuda_are_finite_and_repeatable(lm_dir: Path)
     first, second = scorer.score("the history of rome", passages), scorer.score("the history of rome", passages)
     assert first.shape == (5,) and np.isfinite(first).all()
     np.testing.assert_allclose(first, second, rtol=1e-5)
+
+
+def test_the_cached_gpu_memory_goes_back_to_the_device_after_a_stage() -> None:
+    import torch
+
+    from hybrid.pipeline import release_gpu_cache
+
+    x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # 64 MiB through the caching allocator
+    del x
+    assert torch.cuda.memory_reserved() >= 64 << 20
+    release_gpu_cache()
+    assert torch.cuda.memory_reserved() < 64 << 20

@@ -383,3 +383,22 @@ def test_a_resumed_dense_training_reuses_its_mined_negatives(built, tmp_path, mo
     dense = dataclasses.replace(pipeline.config.dense, hard_negatives=2)
     Pipeline(dataclasses.replace(pipeline.config, dense=dense), root).run(["dense_train"])
     assert mined == [1]
+
+
+def test_cached_gpu_memory_is_released_only_where_cuda_is(monkeypatch):
+    """After each stage the pipeline empties PyTorch's CUDA cache (faiss-gpu allocates outside it); on a CPU box, or
+    before torch is imported, it does nothing. The real release is checked on a GPU in tests/test_gpu.py."""
+    import sys
+    import types
+
+    from hybrid.pipeline import release_gpu_cache
+
+    emptied = []
+    for available in (False, True):
+        cuda = types.SimpleNamespace(is_available=lambda a=available: a, empty_cache=lambda: emptied.append(1))
+        monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+        release_gpu_cache()
+    assert emptied == [1]
+    monkeypatch.delitem(sys.modules, "torch")
+    release_gpu_cache()  # torch not imported: nothing to release, and nothing imported for it
+    assert "torch" not in sys.modules
