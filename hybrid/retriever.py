@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,8 @@ class Retriever:
     fusion) or ``convex`` (min-max convex combination with the weight tuned on train queries). ``None`` (default):
     ``rerank`` when the config made it the default (``rerank.default``), else ``hybrid``.
     ``artifacts_dir``: where the pipeline wrote its artifacts (default: env ``HYBRID_ARTIFACTS`` or
-    ``<repo>/artifacts``); it may be copied or moved as a whole.
+    ``<repo>/artifacts``); it may be copied or moved as a whole. Passage texts are read from the collection the
+    ``data`` stage indexed; if that has moved, ``$MSMARCO_DIR`` names its new directory.
 
     ``searcher`` is the mode's composed searcher (``(pid, score)`` rankings); the answer to ``search(q, k)`` is the
     first ``k`` of one ranking per query, whatever ``k`` is (up to the candidates a mode has), except where the
@@ -84,9 +86,7 @@ class Retriever:
         self.mode = mode if mode is not None else ("rerank" if rerank.config.default else "hybrid")
         self.config = require_stage(self.root, "data").get("config", {})  # the pipeline config that built it
 
-        from hybrid.passage_store import PassageStore
-
-        self.passages = PassageStore.open(stage_dir(self.root, "data"))
+        self.passages = _open_passages(self.root)
         self.searcher: Searcher = build_searcher(self.mode, self.root, self.passages.get_many, rerank)
 
     def rank(self, query: str, k: int) -> Ranking:
@@ -119,6 +119,23 @@ class Retriever:
 
     def __repr__(self) -> str:
         return f"Retriever(mode={self.mode!r}, artifacts_dir={str(self.root)!r})"
+
+
+def _open_passages(root: Path):
+    """The data stage's passage store. Its texts are read from the collection it was built from; when that file is
+    gone (the data directory moved, or the artifacts were copied to another machine) and ``$MSMARCO_DIR`` holds a
+    ``collection.tsv``, that one is read instead, after the store's size and content checks accept it."""
+    from hybrid.passage_store import PassageStore
+
+    store_dir = stage_dir(root, "data")
+    try:
+        return PassageStore.open(store_dir)
+    except FileNotFoundError as missing:
+        moved = Path(os.environ.get("MSMARCO_DIR", "")) / "collection.tsv"
+        if not os.environ.get("MSMARCO_DIR") or not moved.is_file():
+            raise FileNotFoundError(f"{missing} Or set MSMARCO_DIR to the data directory that holds it now.") from None
+        logger.info("passage texts: the recorded collection is gone; reading %s (MSMARCO_DIR)", moved)
+        return PassageStore.open(store_dir, collection_tsv=moved)
 
 
 def _resolve(path: str | Path | None) -> Path:

@@ -162,6 +162,28 @@ def test_a_copied_directory_gives_the_same_answers(tiny_artifacts, tmp_path):
         moved.close()
 
 
+def test_a_moved_collection_is_found_through_msmarco_dir_and_checked(tiny_artifacts, tmp_path, monkeypatch):
+    from hybrid.passage_store import StaleStoreError
+
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts.root, copy)
+    recorded = (copy / "passages" / json.loads((copy / "passages" / "passage_store.json").read_text())["source"])
+    moved = tmp_path / "data-now"
+    moved.mkdir()
+    shutil.move(recorded.resolve(), moved / "collection.tsv")
+    monkeypatch.delenv("MSMARCO_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="MSMARCO_DIR"):
+        Retriever(mode="sparse", artifacts_dir=copy)
+    monkeypatch.setenv("MSMARCO_DIR", str(moved))
+    query = queries(tiny_artifacts, 1)[0]
+    assert Retriever(mode="sparse", artifacts_dir=copy).search(query, 5) == \
+        retriever(tiny_artifacts, "sparse").search(query, 5)
+    text = (moved / "collection.tsv").read_text()
+    (moved / "collection.tsv").write_text(text.replace("\t", "\tchanged ", 1))  # another collection
+    with pytest.raises(StaleStoreError):
+        Retriever(mode="sparse", artifacts_dir=copy)
+
+
 def test_absolute_paths_written_by_older_runs_are_still_read(tiny_artifacts, tmp_path):
     copy = tmp_path / "artifacts"
     shutil.copytree(tiny_artifacts.root, copy)
