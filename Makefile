@@ -59,7 +59,7 @@ synthetic-publish: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# On the GPU box, before a full run (at most 8 minutes): the A10G recipe's measured throughput on the pool and the
+# On the GPU box, before a full run (at most 10 minutes): the A10G recipe's measured throughput on the pool and the
 # full-scale times extrapolated from it (scripts/gpu_smoke.sh). Refuses to start without a CUDA GPU.
 gpu-smoke: install
 	PYTHON=$(PY) scripts/gpu_smoke.sh --data-dir $(MSMARCO_DIR) $(SMOKE_ARGS)

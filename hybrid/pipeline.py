@@ -436,16 +436,9 @@ class Pipeline:
             run_crop(out, inputs, passages, CropConfig(seed=c.seed, num_queries_per_passage=c.queries_per_passage),
                      SanityFilterConfig(), search, c.filter_k or 1, extra)
         elif method == "llm":
-            from dense.querygen.generator import GenerationConfig, smollm2_gguf
-            from dense.querygen.prompt import PromptConfig
+            from hybrid.synthetic_data import llm_generation
 
-            model, gguf = (c.llm_model, None) if c.llm_model else smollm2_gguf()
-            generation = GenerationConfig(
-                temperature=c.llm_temperature, max_new_tokens=c.llm_max_new_tokens,
-                num_queries_per_passage=c.queries_per_passage, batch_size=c.llm_batch_size, seed=c.seed,
-            )
-            prompt = PromptConfig(seed=c.seed, num_prefixes=c.llm_num_prefixes,
-                                  max_passage_tokens=c.llm_max_passage_tokens)
+            model, gguf, generation, prompt = llm_generation(c)
             heldout = self.real_train_split()[3]  # the selection queries never appear in a prompt
             run_llm(out, inputs, passages, model, gguf, generation, prompt, SanityFilterConfig(),
                     search, c.filter_k or 1, extra, exclude_qids=heldout)

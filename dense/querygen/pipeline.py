@@ -104,6 +104,19 @@ def filter_pairs(
     return kept, report
 
 
+def make_generator(model: str | Path, gguf_file: str | None, builder: PromptBuilder, generation: Any,
+                   device: str | None = None):
+    """The generator ``builder``'s prompt config asks for: prefix-cached when it shares prompt prefixes
+    (``num_prefixes > 0``), else the plain batched one."""
+    from dense.querygen.generator import QueryGenerator
+
+    if builder.config.num_prefixes:
+        from dense.querygen.prefix_generator import PrefixCachedGenerator
+
+        return PrefixCachedGenerator(model, builder, gguf_file=gguf_file, config=generation, device=device)
+    return QueryGenerator(model, builder, gguf_file=gguf_file, config=generation, device=device)
+
+
 def run_llm(
     out_dir: Path,
     inputs: StageInputs,
@@ -126,7 +139,6 @@ def run_llm(
     selection queries). ``cached_only``: generate nothing; filter and write what the cache holds so far (safe
     beside a generator still writing to it), counting the rest as not yet generated."""
     from dense.querygen.cache import QueryCache
-    from dense.querygen.generator import QueryGenerator
 
     if inputs.train_queries is None or inputs.train_qrels is None:
         raise ValueError("run_llm needs train queries and qrels for the few-shot examples")
@@ -134,12 +146,7 @@ def run_llm(
     forbidden = ForbiddenQueries.from_files(inputs.forbid_queries)
     examples = fewshot_examples(inputs, exclude_qids, forbidden)
     builder = PromptBuilder(examples, prompt, forbidden)
-    if prompt.num_prefixes:
-        from dense.querygen.prefix_generator import PrefixCachedGenerator
-
-        generator: QueryGenerator = PrefixCachedGenerator(model, builder, gguf_file=gguf_file, config=generation)
-    else:
-        generator = QueryGenerator(model, builder, gguf_file=gguf_file, config=generation)
+    generator = make_generator(model, gguf_file, builder, generation)
     cache = QueryCache(Path(out_dir) / CACHE_FILE, generator.fingerprint(), read_only=cached_only)
     order = sorted(passages.items())
     random.Random(f"{generation.seed}:order").shuffle(order)
