@@ -48,7 +48,8 @@ FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
 # dense_train with a second round (dense.refine): the first round's model and mined records live here
 FIRST_ROUND_DIR = "first_round"
 SELF_MINED_RECORDS = "self_mined_records.jsonl"
-MINED_RECORDS = "bm25_mined_records.jsonl"  # dense_train's records with their BM25 negatives, reused by a resumed run
+MINED_RECORDS = "bm25_mined_records.jsonl"
+HOLDOUT_TEXT_GUARD = 1  # the synthetic and bm25_expanded stages drop generated queries equal to a held-out query (E55)  # dense_train's records with their BM25 negatives, reused by a resumed run
 STAGES = ("data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
 # stages that run on every process of a torchrun launch (dense/distributed.py); the others run on rank 0 only
 DISTRIBUTED_STAGES = ("dense_train", "dense_index")
@@ -103,8 +104,9 @@ class Pipeline:
                      "dir": str(self._data_source_dir())},
             # the expansion has a stage of its own: the plain index (and what reads it) does not depend on it
             "bm25": {k: v for k, v in asdict(c.sparse).items() if k != "expansion"},
-            "bm25_expanded": self._expansion_section(),
-            "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed},
+            # HOLDOUT_TEXT_GUARD: stages built before generated queries equal to a held-out query were dropped rebuild
+            "bm25_expanded": self._expansion_section() | {"holdout_text_guard": HOLDOUT_TEXT_GUARD},
+            "synthetic": {"synthetic": asdict(c.synthetic), "seed": c.seed, "holdout_text_guard": HOLDOUT_TEXT_GUARD},
             "dense_train": {"dense": self._dense_section(), "holdout": c.fusion.holdout_queries, "seed": c.seed},
             "dense_index": {k: v for k, v in asdict(c.dense).items() if k.startswith(("encode", "index"))},
             # the artifact format joins the inputs so artifacts from an older layout (no lexicon) are rebuilt
@@ -316,7 +318,7 @@ class Pipeline:
             shutil.rmtree(out, ignore_errors=True)  # an index from an earlier config is not searched: free the disk
             out.mkdir(parents=True, exist_ok=True)
             return {"enabled": False}
-        from dense.querygen.prompt import ForbiddenQueries
+        from dense.querygen.prompt import ForbiddenQueries, normalize_query
         from hybrid.synthetic_data import SyntheticDataError, check_sha256, resolve_precomputed
         from sparse.expansion import expanded_passages, merge_expansions, read_expansions
         from sparse.index import IndexConfig, build_index
@@ -338,9 +340,12 @@ class Pipeline:
             parts.append(part)
         expansions = merge_expansions(parts)
         sha256 = checksums[0]
-        # a generated query that happens to equal an evaluation query (case and punctuation aside) is left out
+        # a generated query that happens to equal an evaluation query (case and punctuation aside) is left out, and so
+        # is one that equals a held-out selection query (E55)
         forbidden = ForbiddenQueries.from_data_dir(data.root, self.config.data.train_split)
         expansions, dropped = expansions.without(lambda q: forbidden.why_forbidden("", q) is not None)
+        heldout_texts = self.heldout_query_texts()
+        expansions, dropped_heldout = expansions.without(lambda q: normalize_query(q) in heldout_texts)
         store = self.passages()
         outside = sum(pid not in store for pid in expansions.queries)
         build_index(
@@ -354,7 +359,8 @@ class Pipeline:
         summary = {"enabled": True, "k1": c.k1, "b": c.b, "expansion_sha256": sha256,
                    **({"extra_sha256": checksums[1:]} if c.expansion.extra_files else {}),
                    "expanded_passages": len(expansions) - outside, "queries": expansions.num_queries,
-                   "dropped_evaluation_queries": dropped, "not_in_collection": outside}
+                   "dropped_evaluation_queries": dropped, "dropped_heldout_queries": dropped_heldout,
+                   "not_in_collection": outside}
         logger.info("bm25_expanded: %s", summary)
         return summary
 
@@ -398,7 +404,7 @@ class Pipeline:
         """The committed records file, checked (checksum, no evaluation query, no held-out few-shot example), cut
         to the records whose positives this collection holds and to the first ``precomputed_max_records``."""
         from dense.querygen.output import read_training_records, write_jsonl_atomic
-        from dense.querygen.prompt import ForbiddenQueries
+        from dense.querygen.prompt import ForbiddenQueries, normalize_query
         from hybrid.synthetic_data import resolve_precomputed, verify_precomputed
 
         c = self.config.synthetic
@@ -409,11 +415,15 @@ class Pipeline:
         records = read_training_records(src)
         store = self.passages()
         usable = [r for r in records if all(p in store for p in r["positives"])]
-        kept = usable[: c.precomputed_max_records] if c.precomputed_max_records else usable
+        # a generated query that happens to equal a held-out selection query's text is not trained on (E55)
+        heldout = self.heldout_query_texts()
+        allowed = [r for r in usable if normalize_query(r["query"]) not in heldout]
+        kept = allowed[: c.precomputed_max_records] if c.precomputed_max_records else allowed
         write_jsonl_atomic(target, kept)
-        logger.info("synthetic: %d of %d precomputed records used (%d lack their passage here)", len(kept),
-                    len(records), len(records) - len(usable))
-        return {"records": len(records), "without_passage": len(records) - len(usable), "used": len(kept)}
+        logger.info("synthetic: %d of %d precomputed records used (%d lack their passage here, %d equal a held-out "
+                    "query)", len(kept), len(records), len(records) - len(usable), len(usable) - len(allowed))
+        return {"records": len(records), "without_passage": len(records) - len(usable),
+                "equal_to_heldout_query": len(usable) - len(allowed), "used": len(kept)}
 
     def _generate(self, method: str, out: Path, data: MsMarcoDir) -> None:
         from dense.querygen.crop import CropConfig
@@ -434,7 +444,7 @@ class Pipeline:
         extra = {"max_passages": c.max_passages, "sample_seed": c.seed}
         if method == "crop":
             run_crop(out, inputs, passages, CropConfig(seed=c.seed, num_queries_per_passage=c.queries_per_passage),
-                     SanityFilterConfig(), search, c.filter_k or 1, extra)
+                     SanityFilterConfig(), search, c.filter_k or 1, extra, exclude_qids=self.real_train_split()[3])
         elif method == "llm":
             from hybrid.synthetic_data import llm_generation
 
@@ -459,6 +469,13 @@ class Pipeline:
         if cap:
             dense_qids = dense_qids[:cap]
         return queries, qrels, dense_qids, fusion_qids
+
+    def heldout_query_texts(self) -> frozenset[str]:
+        """Normalized texts of the held-out selection queries: no training data or expansion may equal one."""
+        from dense.querygen.prompt import normalize_query
+
+        queries, _, _, heldout = self.real_train_split()
+        return frozenset(normalize_query(queries[q]) for q in heldout)
 
     def ql_examples(self, n: int, seed: int) -> list:
         """``n`` few-shot demonstrations for the QL prompt (``dense.querygen.prompt.FewShotExample``): real train

@@ -78,15 +78,19 @@ def _config(data: Path, expansion: Path, *extra: str):
 def test_the_stage_indexes_expanded_passages_without_evaluation_queries(tmp_path, tiny_msmarco_dir):
     from sparse.bm25 import BM25Searcher
 
+    root = tmp_path / "artifacts"
+    setup = Pipeline(_config(tiny_msmarco_dir, tmp_path / "e.jsonl"), root)
+    setup.run(["data"])
+    queries, _, _, heldout = setup.real_train_split()
     path = _write(tmp_path / "e.jsonl", [
         {"pid": "2", "queries": ["Graded topic, two!"]},  # a DL19 query (a split the config does not evaluate)
         {"pid": "6", "queries": ["walrus moustache"]},
+        {"pid": "7", "queries": [queries[heldout[0]].title()]},  # a held-out selection query's text
         {"pid": "999", "queries": ["not in the collection"]},
     ])
-    root = tmp_path / "artifacts"
     record = Pipeline(_config(tiny_msmarco_dir, path), root).run(["data", "bm25_expanded"])["bm25_expanded"]
-    assert (record["enabled"], record["dropped_evaluation_queries"], record["expanded_passages"],
-            record["not_in_collection"], record["queries"]) == (True, 1, 1, 1, 2)
+    assert (record["enabled"], record["dropped_evaluation_queries"], record["dropped_heldout_queries"],
+            record["expanded_passages"], record["not_in_collection"], record["queries"]) == (True, 1, 1, 1, 1, 2)
     expanded = BM25Searcher(root / "bm25_expanded")
     assert [pid for pid, _ in expanded.search("walrus", 3)] == ["6"]
     assert expanded.search("graded", 3) == []  # the dropped query left no trace

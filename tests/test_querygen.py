@@ -599,3 +599,16 @@ def test_benchmark_variants_parse_every_option_and_refuse_unknown_ones() -> None
     for bad in ("prefix-q3", "prefix-n", "beam-b4"):
         with pytest.raises(ValueError):
             GenerationVariant.parse(bad)
+
+
+def test_a_generated_query_equal_to_a_heldout_query_is_filtered_like_an_evaluation_query() -> None:
+    """No model may train on a held-out selection query's words: a generated query equal to one (case and
+    punctuation aside) is dropped, and counted with the evaluation-query matches."""
+    from dense.querygen.pipeline import filter_pairs
+
+    pairs = [QueryPair("q1", "What is Metformin used for?", "p2", "llm"), QueryPair("q2", "how long is a marathon",
+                                                                                      "p6", "llm")]
+    kept, report = filter_pairs(pairs, PASSAGES, SanityFilterConfig(), ForbiddenQueries(), None, 20,
+                                heldout_texts=frozenset({"what is metformin used for"}))
+    assert [p.qid for p in kept] == ["q2"] and report.dropped("equals_forbidden_query") == 1
+    assert len(filter_pairs(pairs, PASSAGES, SanityFilterConfig(), ForbiddenQueries(), None, 20)[0]) == 2

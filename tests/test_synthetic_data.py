@@ -128,9 +128,18 @@ def test_pipeline_trains_on_a_checked_precomputed_set(tmp_path: Path, tiny_msmar
 
     root = tmp_path / "artifacts"
     done = Pipeline(config(), root).run(["data", "bm25", "synthetic"])
-    assert done["synthetic"]["precomputed"] == {"records": 3, "without_passage": 1, "used": 2}
+    assert done["synthetic"]["precomputed"] == {"records": 3, "without_passage": 1, "equal_to_heldout_query": 0,
+                                                "used": 2}
     used = (root / "synthetic" / "precomputed.jsonl").read_text().splitlines()
     assert [json.loads(line)["query"] for line in used] == ["passage about topic", "number thirty nine"]
+    # a generated query that equals the held-out selection query's text (case and punctuation aside) is not trained on
+    queries, _, _, heldout = Pipeline(config(), root).real_train_split()
+    echo = _records(tmp_path / "echo.jsonl", ["passage about topic", queries[heldout[0]].upper() + "?"])
+    (tmp_path / "echo.manifest.json").write_text(json.dumps({"fewshot_qids": []}))
+    done = Pipeline(config(f'synthetic.precomputed="{echo}"', f'synthetic.precomputed_sha256="{file_sha256(echo)}"'),
+                    root).run(["synthetic"])
+    assert done["synthetic"]["precomputed"] == {"records": 2, "without_passage": 0, "equal_to_heldout_query": 1,
+                                                "used": 1}
     done = Pipeline(config("synthetic.precomputed_max_records=1"), root).run(["synthetic"])
     assert done["synthetic"]["precomputed"]["used"] == 1
 

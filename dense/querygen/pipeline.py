@@ -19,7 +19,7 @@ from dense.querygen.crop import CropConfig, crop_pairs
 from dense.querygen.data import iter_tsv, read_collection_pids, read_qrels, read_tsv, sample_pids, train_examples
 from dense.querygen.filters import BatchSearch, FilterReport, SanityFilterConfig, SanityFilters, consistency_filter
 from dense.querygen.output import file_sha256, llm_pairs, write_output
-from dense.querygen.prompt import FewShotExample, ForbiddenQueries, PromptBuilder, PromptConfig
+from dense.querygen.prompt import FewShotExample, ForbiddenQueries, PromptBuilder, PromptConfig, normalize_query
 from dense.querygen.records import QueryPair
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,13 @@ def select_passages(collection: Path, max_passages: int | None, sample_seed: int
     """``{pid: text}`` of ``max_passages`` passages sampled by ``sample_seed`` (all when ``None``), in file order."""
     chosen = set(sample_pids(read_collection_pids(collection), max_passages, sample_seed))
     return {pid: text for pid, text in iter_tsv(collection) if pid in chosen}
+
+
+def heldout_query_texts(inputs: StageInputs, heldout_qids: Collection[str]) -> frozenset[str]:
+    """Normalized texts of the held-out train queries (read from ``inputs.train_queries``)."""
+    if not heldout_qids or inputs.train_queries is None:
+        return frozenset()
+    return frozenset(normalize_query(t) for t in read_tsv(inputs.train_queries, ids=set(heldout_qids)).values())
 
 
 def fewshot_examples(
@@ -94,9 +101,12 @@ def filter_pairs(
     search: BatchSearch | None,
     k: int,
     search_name: str = "bm25",
+    heldout_texts: frozenset[str] = frozenset(),
 ) -> tuple[list[QueryPair], FilterReport]:
-    """Sanity filters, then (when ``search`` is given) the top-``k`` consistency filter; logs the report table."""
-    kept, report = SanityFilters(sanity, forbidden.texts).apply(pairs, passages)
+    """Sanity filters, then (when ``search`` is given) the top-``k`` consistency filter; logs the report table.
+    ``heldout_texts`` (normalized): the held-out selection queries' texts, dropped like an evaluation query's, so no
+    model trains on a selection query's words (the filter's ``equals_forbidden_query`` row counts both)."""
+    kept, report = SanityFilters(sanity, forbidden.texts | heldout_texts).apply(pairs, passages)
     if search is not None:
         kept, consistency = consistency_filter(kept, search, k, name=f"{search_name}_consistency")
         report = report.then(consistency)
@@ -155,7 +165,8 @@ def run_llm(
     else:
         records = list(generator.generate(order, cache))
     pairs = list(llm_pairs(records))
-    kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k)
+    kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k,
+                                heldout_texts=heldout_query_texts(inputs, exclude_qids))
     manifest = {
         "stage": "synthetic", "generator": "llm", "model": str(model), "gguf_file": gguf_file,
         "model_sha256": file_sha256(Path(model) / gguf_file) if gguf_file else None,
@@ -186,15 +197,18 @@ def run_crop(
     search: BatchSearch | None = None,
     k: int = 20,
     extra_manifest: Mapping[str, Any] | None = None,
+    exclude_qids: Collection[str] = (),
 ) -> FilterReport:
-    """Crop / inverse-cloze pseudo-queries for ``passages``, filtered (content, leak, consistency), written."""
+    """Crop / inverse-cloze pseudo-queries for ``passages``, filtered (content, leak, consistency), written;
+    ``exclude_qids``: the held-out train queries, whose texts no crop may equal."""
     start = time.perf_counter()
     forbidden = ForbiddenQueries.from_files(inputs.forbid_queries)
     pairs = list(crop_pairs(passages.items(), crop))
     # Crops are copied by construction and their length is set by CropConfig: only content/leak checks apply.
     skip = {"copied_from_passage", "chatty", "too_long", "too_short", "run_on"}
     sanity = replace(sanity, skip=tuple(sorted(set(sanity.skip) | skip)))
-    kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k)
+    kept, report = filter_pairs(pairs, passages, sanity, forbidden, search, k,
+                                heldout_texts=heldout_query_texts(inputs, exclude_qids))
     seconds = time.perf_counter() - start
     manifest = {
         "stage": "synthetic", "generator": "crop", "crop": asdict(crop), "seed": crop.seed,
