@@ -48,8 +48,8 @@ FUSION_ARTIFACT_FORMAT = 2  # 2: fusion/lexicon/ added
 # dense_train with a second round (dense.refine): the first round's model and mined records live here
 FIRST_ROUND_DIR = "first_round"
 SELF_MINED_RECORDS = "self_mined_records.jsonl"
-MINED_RECORDS = "bm25_mined_records.jsonl"
-HOLDOUT_TEXT_GUARD = 1  # the synthetic and bm25_expanded stages drop generated queries equal to a held-out query (E55)  # dense_train's records with their BM25 negatives, reused by a resumed run
+MINED_RECORDS = "bm25_mined_records.jsonl"  # dense_train's records with their BM25 negatives, reused by a resumed run
+HOLDOUT_TEXT_GUARD = 1  # the synthetic and bm25_expanded stages drop generated queries equal to a held-out query (E55)
 STAGES = ("data", "bm25", "bm25_expanded", "synthetic", "dense_train", "dense_index", "fusion", "rerank", "evaluate")
 # stages that run on every process of a torchrun launch (dense/distributed.py); the others run on rank 0 only
 DISTRIBUTED_STAGES = ("dense_train", "dense_index")
