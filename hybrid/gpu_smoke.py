@@ -3,14 +3,16 @@
     python -m hybrid.gpu_smoke [--config configs/a10g-full.toml] [--data-dir DIR] [--out DIR]
     (scripts/gpu_smoke.sh, `make gpu-smoke FAISS=gpu`)
 
-Within about 7-8 minutes on one GPU (``timeout`` in the shell script stops it at 10): the recipe's dense training
-(its encoder, batch, GradCache chunks, hard negatives per query, bf16, DataLoader workers) for one untimed warm-up
-step, a probe of a few steps and then as many as the training budget allows (up to ``--max-train-steps``), the step
-rate taken between the two timed runs so model loading and worker start-up cancel out; encoding the pool with the trained model; building the GPU
-flat index and searching it at depth 1000; reranking at the config's depth; last, the synthetic stage's LLM query
-generation (its model, downloaded here: SmolLM2-1.7B-Instruct in the A10G recipe) over one full batch per prompt
-prefix. Then a table of what was measured and the full-scale times (hybrid/full_scale.py). Negatives are random pool passages rather than BM25's (the cost of a
-step does not depend on which passages fill it), so nothing needs Java. Without a CUDA device it refuses at once.
+Planned for 7-8 minutes on one GPU, the generation phase's share not yet measured (``timeout`` in the shell
+script stops it at 10): the recipe's dense training (its encoder, batch, GradCache chunks, hard negatives per query,
+bf16, DataLoader workers) for one untimed warm-up step, a probe of a few steps and then as many as the training
+budget allows (up to ``--max-train-steps``), the step rate taken between the two timed runs so model loading and
+worker start-up cancel out; encoding the pool with the trained model; building the GPU flat index and searching it
+at depth 1000; reranking at the config's depth; last, the synthetic stage's LLM query generation (its model,
+downloaded here: SmolLM2-1.7B-Instruct in the A10G recipe) over one full batch per prompt prefix. Then a table of
+what was measured and the full-scale times (hybrid/full_scale.py). Negatives are random pool passages rather than
+BM25's (the cost of a step does not depend on which passages fill it), so nothing needs Java. Without a CUDA
+device it refuses at once.
 
 When ``bert-base-uncased`` cannot be downloaded (a GPU box without internet), training and encoding time a
 randomly initialised model of the same architecture (``BertConfig()``) with a WordPiece vocabulary trained on the
@@ -299,8 +301,9 @@ def measure_generation(config: PipelineConfig, pool: Pool, data_dir: Path, out: 
     per prompt prefix of random pool passages, after ``generation_warmup`` untimed ones (weights on the device,
     the prefixes' keys and values, kernel choices)."""
     from dense.querygen.cache import QueryCache
-    from dense.querygen.pipeline import make_generator
-    from dense.querygen.prompt import FewShotExample, ForbiddenQueries, PromptBuilder
+    from dense.querygen.pipeline import StageInputs, fewshot_examples, make_generator
+    from dense.querygen.prompt import ForbiddenQueries, PromptBuilder
+    from hybrid.msmarco import MsMarcoDir
     from hybrid.synthetic_data import llm_generation
 
     model, gguf, generation, prompt = llm_generation(config.synthetic)
@@ -308,10 +311,11 @@ def measure_generation(config: PipelineConfig, pool: Pool, data_dir: Path, out: 
         forbidden = ForbiddenQueries.from_data_dir(data_dir, config.data.train_split)
     except FileNotFoundError:  # a pool without evaluation queries: nothing to guard (the prompts are thrown away)
         forbidden = ForbiddenQueries()
-    examples = [FewShotExample(r.qid, r.query, r.positives[0], pool.passages[r.positives[0]]) for r in pool.records]
-    examples = [e for e in examples if forbidden.why_forbidden(e.qid, e.query) is None]
-    generator = make_generator(model, gguf, PromptBuilder(examples, prompt, forbidden), generation,
-                               device=settings.device)
+    data = MsMarcoDir(data_dir)
+    split = config.data.train_split
+    inputs = StageInputs(pool.collection, data.queries_path(split), data.qrels_path(split))
+    builder = PromptBuilder(fewshot_examples(inputs, forbidden=forbidden), prompt, forbidden)
+    generator = make_generator(model, gguf, builder, generation, device=settings.device)
     timed_count = settings.generation_batches * generation.batch_size * max(1, prompt.num_prefixes)
     chosen = random.Random(0).sample(sorted(pool.passages),
                                      min(len(pool.passages), settings.generation_warmup + timed_count))
