@@ -819,12 +819,12 @@ class Pipeline:
         # A run of the same inputs that was killed resumes: its finished (split, mode) metrics are reused instead of
         # searching again (on the A10G recipe, 18 runs over 7k queries, most reloading a 30 GB HNSW index). Not after
         # other inputs, and not when a finished evaluation of these inputs is being redone on purpose (--force).
-        marker = out / "inputs_fingerprint.txt"
+        marker, inputs = out / "inputs_fingerprint.txt", self.inputs_fingerprint("evaluate")
         finished = read_stage(self.root, "evaluate")
-        resume = (marker.is_file() and marker.read_text().strip() == self.inputs_fingerprint("evaluate")
-                  and not (finished and finished.get("inputs_fingerprint") == self.inputs_fingerprint("evaluate")))
+        resume = (marker.is_file() and marker.read_text().strip() == inputs
+                  and not (finished and finished.get("inputs_fingerprint") == inputs))
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(marker, self.inputs_fingerprint("evaluate") + "\n")
+        write_text_atomic(marker, inputs + "\n")
         tables = {}
         for split in self.config.data.eval_splits:
             queries = data.queries(split)
