@@ -33,9 +33,15 @@ def requirement_names(requirements: list[str]) -> dict[str, str]:
     return {_normalise(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]): r for r in requirements}
 
 
-def declared(faiss: str = "cpu") -> dict[str, str]:
-    """What ``make install`` installs: the dependencies and one faiss extra (``cpu`` by default)."""
-    return requirement_names(project()["dependencies"] + project()["optional-dependencies"][faiss])
+def installed_faiss_extra() -> str:
+    """The faiss extra this environment was installed with: ``gpu`` after ``make install FAISS=gpu``, else ``cpu``."""
+    return "gpu" if "faiss-gpu-cu12" in distributions_of("faiss") else "cpu"
+
+
+def declared(faiss: str | None = None) -> dict[str, str]:
+    """What ``make install`` installs: the dependencies and one faiss extra (the installed one by default)."""
+    extra = faiss or installed_faiss_extra()
+    return requirement_names(project()["dependencies"] + project()["optional-dependencies"][extra])
 
 
 def _normalise(name: str) -> str:
@@ -97,5 +103,7 @@ def test_the_two_faiss_builds_are_alternatives_never_installed_together() -> Non
 def test_the_checks_see_imports_and_distributions() -> None:
     modules = imported_modules()
     assert modules["faiss"].startswith("dense/") and "jnius" in modules  # a plain and a from-import, both found
-    assert distributions_of("sklearn") == {"scikit-learn"} and "faiss-cpu" in distributions_of("faiss")
+    assert distributions_of("sklearn") == {"scikit-learn"}
+    assert distributions_of("faiss") & {"faiss-cpu", "faiss-gpu-cu12"}  # whichever build `make install` chose
+    assert ("faiss-gpu-cu12" if installed_faiss_extra() == "gpu" else "faiss-cpu") in declared()
     assert "datasets" not in declared()  # never imported: 600k training records take ~1.3 GB as plain tuples

@@ -110,7 +110,8 @@ def test_tied_scores_are_evaluated_in_the_returned_order() -> None:
 
 def test_duplicate_passage_keeps_its_first_position() -> None:
     m = compute_metrics({"q": [("a", 3.0), ("x", 2.0), ("a", 1.0)]}, {"q": {"a": 1}})
-    assert m["R@1"] == 1.0
+    assert m["R@1"] == 1.0 and m["MRR@10"] == 1.0 and m["R@10"] == 1.0
+    assert m["nDCG@10"] == pytest.approx(1.0)  # counted once, at rank 1: a second copy would lift nDCG above 1
 
 
 def _reference_metrics(ranking: list[str], judged: dict[str, int], rel: int) -> dict[str, float]:

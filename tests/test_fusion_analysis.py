@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,27 @@ def test_analyzer_lowercases_splits_unicode_and_drops_stopwords() -> None:
     assert Analyzer(remove_stopwords=False).tokenize("The cat") == ["the", "cat"]
 
 
-@pytest.mark.skipif(HAVE_STEMMER, reason="a stemmer is installed, so stem=True is allowed")
-def test_stemming_without_a_stemmer_library_is_refused() -> None:
+def test_stemming_without_a_stemmer_library_is_refused(monkeypatch) -> None:
+    for module in ("Stemmer", "nltk", "nltk.stem", "nltk.stem.porter"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
     with pytest.raises(StemmerUnavailableError, match="PyStemmer"):
         Analyzer(stem=True)
+
+
+def test_stemming_uses_pystemmer_when_installed(monkeypatch) -> None:
+    """Neither library is a dependency, so a stand-in PyStemmer module checks the wiring on every box."""
+    fake = types.ModuleType("Stemmer")
+
+    class Stemmer:
+        def __init__(self, algorithm: str) -> None:
+            assert algorithm == "porter"
+
+        def stemWord(self, word: str) -> str:  # noqa: N802 (PyStemmer's name)
+            return {"running": "run", "cats": "cat"}.get(word, word)
+
+    fake.Stemmer = Stemmer
+    monkeypatch.setitem(sys.modules, "Stemmer", fake)
+    assert Analyzer(stem=True).tokenize("running cats") == ["run", "cat"]
 
 
 @pytest.mark.skipif(not HAVE_STEMMER, reason="no stemmer library installed")

@@ -360,8 +360,9 @@ def test_a_killed_evaluation_resumes_and_a_forced_one_starts_over(built, tmp_pat
 
 
 def test_a_resumed_dense_training_reuses_its_mined_negatives(built, tmp_path, monkeypatch):
-    """BM25 negatives are mined once per inputs and kept in the stage directory: a killed training resumes from its
-    checkpoint without mining again (~600k queries x 200 hits on the A10G recipe); other inputs mine afresh."""
+    """BM25 negatives are mined once per inputs and kept in the stage directory: rerunning a training killed before
+    it finished reads them back instead of mining again (~600k queries x 200 hits on the A10G recipe); other inputs
+    mine afresh. (That the training itself resumes from its checkpoint is tests/test_training.py's.)"""
     import dataclasses
     import shutil
 

@@ -163,7 +163,7 @@ def test_bfloat16_runs_the_decoder_in_bf16_and_the_head_in_float32(tiny_lm) -> N
     assert scorer.dtype == "bfloat16"
     assert all(p.dtype == torch.bfloat16 for p in scorer.decoder().parameters())
     assert scorer._head is not None and scorer._head[0].dtype == torch.float32
-    assert scorer._prefix_kv is None or scorer._prefix_kv[0][0].dtype == torch.bfloat16
+    assert scorer._prefix_kv is not None and scorer._prefix_kv[0][0].dtype == torch.bfloat16
     got = scorer.score("where is paris", PASSAGES)
     assert got.dtype == np.float64 and got.shape == (4,)
     # bf16 keeps ~3 significant digits: close to float32, not equal

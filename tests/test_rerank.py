@@ -293,9 +293,11 @@ def test_the_budget_runs_on_the_real_clock():
     searcher = RerankingSearcher(FixedBase(), SleepingScorer(), lambda p: list(p), depth=5, weight=None,
                                  time_budget_s=0.29)
     out = searcher.search("q", 8)
-    # 0.1 s each (a little more on a busy box): two fit in 0.29 s, a third would end at 0.3 s or later
-    assert pids(out) == ["p1", "p0", "p2", "p3", "p4", "p5", "p6", "p7"]
-    assert searcher.budget_stats().candidates_scored == 2
+    # 0.1 s each: at most two fit in 0.29 s (a third would end at 0.3 s or later); on a busy box a sleep can run
+    # long enough that only one does. Either way the real clock cut the list, and the unscored keep their order.
+    scored = searcher.budget_stats().candidates_scored
+    assert scored in (1, 2)
+    assert pids(out) == (["p1", "p0"] if scored == 2 else ["p0", "p1"]) + ["p2", "p3", "p4", "p5", "p6", "p7"]
 
 
 def test_batch_search_applies_the_budget_per_query_and_refuses_a_string():
