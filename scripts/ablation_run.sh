@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Small ablation run used for EXPERIMENTS.md: copies the data, BM25 and base-model stages of artifacts/ into
-# $EXP_DIR/NAME, reruns the synthetic + dense (+ fusion) stages with config overrides, evaluates the held-out train
-# queries (the selection set; fitted fusion modes are in-sample there), dev and DL19.
+# Small ablation run used for EXPERIMENTS.md: copies the data, BM25 (plain and expanded) and base-model stages of
+# artifacts/ into $EXP_DIR/NAME, reruns the synthetic + dense (+ fusion) stages with config overrides, evaluates the
+# held-out train queries (the selection set; fitted fusion modes are in-sample there), dev and DL19.
 # usage: scripts/ablation_run.sh NAME MODES OVERRIDE...   e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind="static"'
 set -euo pipefail
 usage="usage: scripts/ablation_run.sh NAME MODES OVERRIDE...  (e.g. scripts/ablation_run.sh static dense 'dense.encoder.kind=\"static\"')"
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."; . .venv/bin/activate
 export MSMARCO_DIR=${MSMARCO_DIR:?set MSMARCO_DIR}
 name=$1; modes=$2; shift 2
 A=${EXP_DIR:-/tmp/exps}/$name; mkdir -p $A
-for d in passages bm25 base_models; do [ -e $A/$d ] || cp -r artifacts/$d $A/; done
+for d in passages bm25 bm25_expanded base_models; do [ -e $A/$d ] || cp -r artifacts/$d $A/; done
 sets=(); for o in "$@"; do sets+=(--set "$o"); done
 stages="synthetic dense_train dense_index"
 case $modes in *rrf*|*convex*|*hybrid*) stages="$stages fusion";; esac
