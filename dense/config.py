@@ -16,6 +16,7 @@ T = TypeVar("T", bound="_DictConfig")
 
 POOLINGS = ("mean", "cls", "last")
 KINDS = ("transformer", "static")
+ATTENTIONS = ("causal", "bidirectional")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,10 @@ class EncoderConfig(_DictConfig):
     """Static encoder only: reduce the embedding table to this many PCA dimensions (None: keep the LM's width)."""
     learned_token_weights: bool = False
     """Static encoder only: learn one scalar weight per vocabulary token (a learned IDF)."""
+    attention: Literal["causal", "bidirectional"] = "causal"
+    """Transformer only: ``bidirectional`` lifts a decoder LLM's causal mask, so every token attends to the whole text
+    (padding stays masked), as LLM2Vec and NV-Embed do; ``causal`` keeps the model as pretrained. Encoder models (BERT)
+    are bidirectional either way."""
     cpu_bf16: bool = False
     """bf16 autocast on a CPU too (training, corpus and query encoding; weights and optimizer state stay float32).
     Only worth it on a CPU with native bf16 (AVX512-BF16 or AMX): elsewhere bf16 is emulated and slower (E10, E29).
@@ -114,6 +119,10 @@ class EncoderConfig(_DictConfig):
             raise ConfigError(f"EncoderConfig.kind={self.kind!r}; expected one of {KINDS}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"EncoderConfig.pooling={self.pooling!r}; expected one of {POOLINGS}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"EncoderConfig.attention={self.attention!r}; expected one of {ATTENTIONS}")
+        if self.kind == "static" and self.attention != "causal":
+            raise ConfigError("EncoderConfig.attention applies to kind='transformer' only; the static encoder has none")
         for name in ("query_max_len", "passage_max_len"):
             if getattr(self, name) < 2:
                 raise ConfigError(f"EncoderConfig.{name}={getattr(self, name)}; must be at least 2 tokens")

@@ -3,7 +3,8 @@
 Encoder models (BERT, MiniLM) use mean or CLS pooling; decoder LLMs (SmolLM2, Qwen) use last-token pooling over an
 appended EOS, or mean pooling. Batches are padded on the right: with causal attention the real tokens then never
 see padding and keep positions 0..n-1, so a text's embedding does not depend on what it was batched with (left
-padding would shift the rotary positions of shorter texts).
+padding would shift the rotary positions of shorter texts). ``attention = "bidirectional"`` lifts the causal mask
+of a decoder LLM; the padding mask still hides the padding.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def load_backbone(source: str, hf_config: PretrainedConfig, num_layers: int | No
     return backbone
 
 
+def make_bidirectional(backbone: PreTrainedModel, source: str) -> None:
+    """Lift a decoder LLM's causal mask: ``config.is_causal = False`` makes transformers build a bidirectional
+    padding mask, and each attention module's ``is_causal`` flag (which SDPA uses when a batch has no padding and
+    no mask is built) is cleared too. Set on every build and load, since modules are created causal."""
+    flagged = [m for m in backbone.modules() if hasattr(m, "is_causal")]
+    if not flagged:
+        raise ValueError(f"attention='bidirectional', but {source} has no attention module with an is_causal flag")
+    backbone.config.is_causal = False
+    for module in flagged:
+        module.is_causal = False
+
+
 def prepare_tokenizer(tokenizer: Any, config: EncoderConfig, source: str) -> Any:
     """Right padding, a pad token for decoder tokenizers that lack one, and an EOS where last pooling needs it."""
     tokenizer.padding_side = "right"
@@ -89,6 +102,8 @@ class BiEncoder(DenseEncoder):
         self.tokenizer = tokenizer
         if hasattr(backbone.config, "use_cache"):
             backbone.config.use_cache = False  # no generation: a KV cache only costs memory
+        if config.attention == "bidirectional":
+            make_bidirectional(backbone, config.model_name_or_path)
 
     @classmethod
     def build(cls, config: EncoderConfig, device: str | torch.device | None = None) -> BiEncoder:

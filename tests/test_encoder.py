@@ -47,9 +47,15 @@ def test_encodings_have_shape_and_norm(backbones: dict[str, Path], model: str, p
     assert encoder.encode_passages([]).shape == (0, 32)
 
 
-@pytest.mark.parametrize("model, pooling", [("bert", "mean"), ("bert", "cls"), ("llama", "last"), ("llama", "mean")])
-def test_encoding_does_not_depend_on_batch_padding(backbones: dict[str, Path], model: str, pooling: str) -> None:
-    encoder = BiEncoder.build(tiny_encoder_config(backbones[model], pooling=pooling), "cpu")
+@pytest.mark.parametrize(
+    "model, pooling, attention",
+    [("bert", "mean", "causal"), ("bert", "cls", "causal"), ("llama", "last", "causal"), ("llama", "mean", "causal"),
+     ("llama", "mean", "bidirectional"), ("llama", "last", "bidirectional")],
+)
+def test_encoding_does_not_depend_on_batch_padding(
+    backbones: dict[str, Path], model: str, pooling: str, attention: str
+) -> None:
+    encoder = BiEncoder.build(tiny_encoder_config(backbones[model], pooling=pooling, attention=attention), "cpu")
     alone = encoder.encode_passages([TEXTS[1]])
     padded = encoder.encode_passages(TEXTS, batch_size=3)[1:2]  # batched with longer texts, so padded
     np.testing.assert_allclose(alone, padded, atol=1e-5)
@@ -100,6 +106,43 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first.encode_queries(TEXTS), second.encode_queries(TEXTS))
     first.save(directory)  # overwriting an existing model directory works and stays loadable
     np.testing.assert_array_equal(load_encoder(directory).encode_queries(TEXTS), second.encode_queries(TEXTS))
+
+
+def _first_token_states(encoder: BiEncoder, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder.backbone(**encoder.tokenize_passages(texts)).last_hidden_state[:, 0]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bidirectional_attention_lets_early_tokens_see_later_ones(backbones: dict[str, Path], padded: bool) -> None:
+    # two texts that differ only in their last word; with padding=True a longer third text pads both, so the
+    # transformers mask path is used, without it the SDPA path that builds no mask (its module flag decides)
+    texts = ["the climate of oslo", "the climate of rome"] + (["a much longer text " * 3] if padded else [])
+    causal = BiEncoder.build(tiny_encoder_config(backbones["llama"]), "cpu")
+    bidirectional = BiEncoder.build(tiny_encoder_config(backbones["llama"], attention="bidirectional"), "cpu")
+    batch = causal.tokenize_passages(texts)
+    ids = batch["input_ids"]
+    assert ids.shape[1] > 2 and not torch.equal(ids[0], ids[1]), "the texts must differ in a later token"
+    assert bool(batch["attention_mask"].eq(0).any()) == padded, "the batch must be padded exactly when asked"
+    first = _first_token_states(causal, texts)
+    torch.testing.assert_close(first[0], first[1])  # causal: the first token cannot see the last word
+    first = _first_token_states(bidirectional, texts)
+    assert (first[0] - first[1]).abs().max() > 1e-4
+    # the same weights: only the mask differs
+    torch.testing.assert_close(
+        bidirectional.backbone.layers[0].mlp.up_proj.weight, causal.backbone.layers[0].mlp.up_proj.weight
+    )
+
+
+def test_bidirectional_attention_is_saved_with_the_model(backbones: dict[str, Path], tmp_path: Path) -> None:
+    encoder = BiEncoder.build(tiny_encoder_config(backbones["llama"], attention="bidirectional"), "cpu")
+    encoder.save(tmp_path / "enc")
+    loaded = load_encoder(tmp_path / "enc", device="cpu")
+    assert loaded.config.attention == "bidirectional"
+    assert all(not m.is_causal for m in loaded.backbone.modules() if hasattr(m, "is_causal"))
+    np.testing.assert_allclose(loaded.encode_passages(TEXTS), encoder.encode_passages(TEXTS), atol=1e-6)
+    causal = BiEncoder.build(tiny_encoder_config(backbones["llama"]), "cpu")
+    assert not np.allclose(causal.encode_passages(TEXTS), encoder.encode_passages(TEXTS), atol=1e-4)
 
 
 def test_prefixes_change_the_encoding(backbones: dict[str, Path]) -> None:
@@ -161,6 +204,10 @@ def test_configs_reject_unknown_keys_and_bad_values() -> None:
         TrainConfig.from_dict({"batch_size": "32"})
     with pytest.raises(ConfigError, match="model_name_or_path"):
         EncoderConfig.from_dict({"pooling": "mean"})
+    with pytest.raises(ConfigError, match="attention"):
+        EncoderConfig.from_dict({"model_name_or_path": "x", "attention": "full"})
+    with pytest.raises(ConfigError, match="transformer"):
+        EncoderConfig.from_dict({"model_name_or_path": "x", "kind": "static", "attention": "bidirectional"})
     config = TrainConfig.from_dict({"lr": 1, "max_steps": 10})  # an int where a float is expected is fine
     assert config.lr == 1.0 and TrainConfig.from_dict(config.to_dict()) == config
 
