@@ -63,9 +63,10 @@ def load_backbone(source: str, hf_config: PretrainedConfig, num_layers: int | No
 
 
 def make_bidirectional(backbone: PreTrainedModel, source: str) -> None:
-    """Lift a decoder LLM's causal mask: ``config.is_causal = False`` makes transformers build a bidirectional
-    padding mask, and each attention module's ``is_causal`` flag (which SDPA uses when a batch has no padding and
-    no mask is built) is cleared too. Set on every build and load, since modules are created causal."""
+    """Lift a decoder LLM's causal mask. ``config.is_causal = False`` is what transformers 5 reads: it builds a
+    padding-only mask and passes ``is_causal=False`` to the attention kernel. Each attention module's own
+    ``is_causal`` flag, which the SDPA integration falls back to when no such argument arrives, is cleared as well.
+    Set on every build and load, since modules are created causal."""
     flagged = [m for m in backbone.modules() if hasattr(m, "is_causal")]
     if not flagged:
         raise ValueError(f"attention='bidirectional', but {source} has no attention module with an is_causal flag")

@@ -115,8 +115,8 @@ def _first_token_states(encoder: BiEncoder, texts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_bidirectional_attention_lets_early_tokens_see_later_ones(backbones: dict[str, Path], padded: bool) -> None:
-    # two texts that differ only in their last word; with padding=True a longer third text pads both, so the
-    # transformers mask path is used, without it the SDPA path that builds no mask (its module flag decides)
+    # two texts that differ only in their last word; with padded=True a longer third text pads both, so a padding
+    # mask is built, without it no mask is built and the kernel's is_causal argument decides
     texts = ["the climate of oslo", "the climate of rome"] + (["a much longer text " * 3] if padded else [])
     causal = BiEncoder.build(tiny_encoder_config(backbones["llama"]), "cpu")
     bidirectional = BiEncoder.build(tiny_encoder_config(backbones["llama"], attention="bidirectional"), "cpu")
